@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each runs `make setup` first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+# Debian packages the builds and the tests need (qemu, base-image bootstrap, ssh for the communicator).
+APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap genisoimage openssh-client openssh-server \
+	e2fsprogs fdisk gdisk grub-pc-bin grub2-common mount util-linux
+STAMP := $(VENV)/.installed
+
+.PHONY: setup apt demo test test-fast bench clean
+setup: apt $(STAMP)
+
+# Installs only what is missing, so a second run costs a dpkg query.
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "apt: installing $$missing"; \
+		SUDO=$$( [ $$(id -u) -eq 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml
+	@command -v uv >/dev/null || python3 -m pip install -q uv
+	@[ -x $(PY) ] || uv venv -q --python 3.11 $(VENV)
+	# --compile-bytecode: PYTHONDONTWRITEBYTECODE is set on these machines and imports would be twice as slow.
+	uv pip install -q --python $(PY) --compile-bytecode -e '.[test]'
+	@touch $@
+
+demo: setup
+	$(PY) -m goldsmith.demo
+
+test: setup
+	$(VENV)/bin/pytest -x -q $(PYTEST_ARGS)
+
+# The step logic without real VM builds (seconds, not minutes).
+test-fast: setup
+	$(VENV)/bin/pytest -q -m 'not vm' $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info
