@@ -1,2 +1,127 @@
-def main() -> int:
+"""The `goldsmith` command: check, render and describe image templates.
+
+Exit codes: 0 all good, 1 a template is invalid, 2 a usage error (bad options, unreadable parameters file).
+Problems print one a line as `FILE:JSON.PATH: message`; bad input never prints a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from goldsmith.template import model as m
+from goldsmith.template.loader import TemplateError, load_template, read_parameters_file, unmask
+from goldsmith.template.plan import backend_problems
+
+
+class UsageError(Exception):
+    pass
+
+
+def _values(args: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    if args.parameters:
+        try:
+            values.update(read_parameters_file(args.parameters))
+        except TemplateError as e:
+            raise UsageError(str(e)) from None
+    for item in args.set or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--set takes NAME=VALUE, got '{item}'")
+        values[name] = value
+    return values
+
+
+def _load(path: str, args: argparse.Namespace):
+    loaded = load_template(path, values=_values(args), allow_placeholders=args.allow_placeholders)
+    problems = backend_problems(loaded)
+    if problems:
+        raise TemplateError(path, problems)
+    return loaded
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    status = 0
+    for path in args.templates:
+        try:
+            loaded = _load(path, args)
+        except TemplateError as e:
+            print(e)
+            status = 1
+            continue
+        for note in loaded.notes:
+            print(note.format(path))
+        left = f" ({len(loaded.unresolved)} placeholders left unresolved)" if loaded.unresolved else ""
+        print(f"{path}: valid{left}")
+    return status
+
+
+def render(loaded) -> dict[str, Any]:
+    """The resolved template as a resource body, defaults filled in, read-only fields left out."""
+    body = loaded.template.model_dump(mode="json", by_alias=True, exclude_none=True)
+    body["goldsmith"] = loaded.options.model_dump(mode="json", exclude_none=True)
+    return body
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    try:
+        loaded = _load(args.template, args)
+    except TemplateError as e:
+        print(e)
+        return 1
+    text = json.dumps(render(loaded), indent=2)
+    print(unmask(text, loaded.unresolved))
     return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    class TemplateFile(m.ImageTemplate):
+        goldsmith: m.GoldsmithOptions | None = None
+
+    schema = TemplateFile.model_json_schema(by_alias=True)
+    schema["title"] = "Goldsmith image template (AIB imageTemplates, API %s, plus a 'goldsmith' block)" % m.API_VERSION
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    print(json.dumps(schema, indent=2))
+    return 0
+
+
+def _template_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--parameters", metavar="FILE", help="ARM parameters file ({\"parameters\": {\"x\": {\"value\": ...}}})")
+    p.add_argument("--set", action="append", metavar="NAME=VALUE",
+                   help="value for an ARM parameter or a <NAME> placeholder (repeatable)")
+    p.add_argument("--allow-placeholders", action="store_true",
+                   help="check the structure, leaving <tokens> and ARM parameters without a value unresolved")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="goldsmith", description="Golden VM images as Airflow DAGs, from AIB templates.")
+    sub = p.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("validate", help="check templates; exit 1 if any is invalid")
+    _template_options(v)
+    v.add_argument("templates", nargs="+", metavar="TEMPLATE")
+    v.set_defaults(func=cmd_validate)
+    r = sub.add_parser("render", help="print the resolved, normalized template as JSON")
+    _template_options(r)
+    r.add_argument("template", metavar="TEMPLATE")
+    r.set_defaults(func=cmd_render)
+    s = sub.add_parser("schema", help="print the JSON Schema of the template format")
+    s.set_defaults(func=cmd_schema)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"goldsmith: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `goldsmith render x | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
