@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the builds and the tests need (qemu, base-image bootstrap, ssh for the communicator).
-APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap genisoimage openssh-client openssh-server \
+APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap genisoimage openssh-client openssh-server sudo \
 	e2fsprogs fdisk gdisk grub-pc-bin grub2-common mount util-linux
 STAMP := $(VENV)/.installed
 

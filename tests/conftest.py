@@ -1,0 +1,2 @@
+# Fixtures shared across test modules live in their own plugin files.
+pytest_plugins = ["sshd_fixture"]

@@ -1,0 +1,143 @@
+"""A real OpenSSH sshd on 127.0.0.1 for the communicator and customizer tests.
+
+It runs as the current user (root in CI), with its own host key, client key and config in a temp
+dir, and is stopped with every session process it forked, so nothing outlives the tests.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from goldsmith.communicator import SSHCommunicator
+
+SSHD = "/usr/sbin/sshd"  # sshd refuses to re-exec itself unless started by absolute path
+
+
+@dataclass(frozen=True)
+class SSHServer:
+    host: str
+    port: int
+    user: str
+    key_path: Path
+    pid: int
+    dir: Path
+
+    def communicator(self, **kwargs) -> SSHCommunicator:
+        return SSHCommunicator(self.host, self.port, self.user, self.key_path, **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_sshd(extra_config: tuple[str, ...] = (), port: int | None = None) -> Iterator[SSHServer]:
+    if not os.path.exists(SSHD):
+        pytest.skip(f"{SSHD} missing: run `make setup` (apt package openssh-server)")
+    if os.geteuid() == 0:
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation dir
+    with tempfile.TemporaryDirectory(prefix="goldsmith-sshd-") as tmp:
+        d = Path(tmp)
+        for name, kind in (("host_key", "ed25519"), ("client_key", "ed25519")):
+            subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", d / name], check=True)
+        (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+        port = port or free_port()
+        (d / "sshd_config").write_text("\n".join([
+            f"ListenAddress 127.0.0.1:{port}",
+            f"HostKey {d / 'host_key'}",
+            f"AuthorizedKeysFile {d / 'authorized_keys'}",
+            "PidFile none",
+            "StrictModes no",  # the temp dir is not a home directory with the modes sshd expects
+            "UsePAM no",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "PermitRootLogin prohibit-password",
+            "Subsystem sftp internal-sftp",
+            *extra_config,
+        ]) + "\n")
+        log = open(d / "sshd.log", "wb")
+        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", d / "sshd_config"], stdout=log, stderr=log)
+        try:
+            _wait_listening(port, proc, d / "sshd.log")
+            yield SSHServer("127.0.0.1", port, pwd.getpwuid(os.getuid()).pw_name,
+                            d / "client_key", proc.pid, d)
+        finally:
+            _stop(proc)
+            log.close()
+
+
+def _wait_listening(port: int, proc: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sshd exited with {proc.returncode}: {log_path.read_text()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"sshd did not listen on port {port} within 10s: {log_path.read_text()}")
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    # Session processes call setsid(), so a process-group kill would miss them; walk /proc instead.
+    leftovers = _descendants(proc.pid)
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for pid in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="session")
+def sshd() -> Iterator[SSHServer]:
+    if shutil.which("ssh-keygen") is None:
+        pytest.skip("ssh-keygen missing: run `make setup` (apt package openssh-client)")
+    with running_sshd() as server:
+        yield server
+
+
+@pytest.fixture
+def comm(sshd: SSHServer) -> Iterator[SSHCommunicator]:
+    with sshd.communicator() as c:
+        c.wait_until_ready(timeout=10)
+        yield c
