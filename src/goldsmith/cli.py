@@ -60,8 +60,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def render(loaded) -> dict[str, Any]:
-    """The resolved template as a resource body, defaults filled in, read-only fields left out."""
+    """The resolved template in the shape it was written (resource body, or the bare properties object: it has
+    no `location` to make a body with), defaults filled in, read-only fields left out."""
     body = loaded.template.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if loaded.prefix == "properties.":
+        body = body["properties"]
     body["goldsmith"] = loaded.options.model_dump(mode="json", exclude_none=True)
     return body
 

@@ -35,14 +35,21 @@ def _convert(name: str, declared: str, value: Any) -> Any:
     return value
 
 
+def _section(template: dict, key: str) -> dict:
+    value = template.get(key) or {}
+    if not isinstance(value, dict):
+        raise ArmError(key, f"'{key}' must be an object of name -> definition")
+    return value
+
+
 class Evaluator:
     def __init__(self, template: dict, values: dict[str, Any]):
-        self.declared = template.get("parameters") or {}
-        self.variables = template.get("variables") or {}
+        self.declared = _section(template, "parameters")
+        self.variables = _section(template, "variables")
         self.values = values
         self.used: set[str] = set()
         self.unresolved: dict[str, list[str]] = {}  # parameter name -> paths that use it
-        self._resolving: set[str] = set()
+        self._resolving: set[str] = set()  # "parameters('x')" and "variables('x')" being evaluated
 
     def parameter(self, name: str, path: str) -> Any:
         # ARM names are case-insensitive: parameters('managedimagename') finds 'managedImageName'.
@@ -56,7 +63,7 @@ class Evaluator:
             self.used.add(given)
             return _convert(name, str(spec.get("type", "")).lower(), self.values[given])
         if "defaultValue" in spec:
-            return self.evaluate(spec["defaultValue"], f"parameters.{name}.defaultValue")
+            return self._once(f"parameters('{name}')", path, spec["defaultValue"], f"parameters.{name}.defaultValue")
         self.unresolved.setdefault(name, []).append(path)
         return f"<{name}>"
 
@@ -65,13 +72,17 @@ class Evaluator:
         if name not in self.variables:
             known = ", ".join(sorted(self.variables)) or "none"
             raise ArmError(path, f"variables('{name}') is not declared in 'variables' (declared: {known})")
-        if name in self._resolving:
-            raise ArmError(path, f"variables('{name}') refers to itself")
-        self._resolving.add(name)
+        return self._once(f"variables('{name}')", path, self.variables[name], f"variables.{name}")
+
+    def _once(self, ref: str, path: str, value: Any, where: str) -> Any:
+        """Evaluates a parameter's default or a variable, refusing a cycle (`a` defined through itself)."""
+        if ref in self._resolving:
+            raise ArmError(path, f"{ref} refers to itself")
+        self._resolving.add(ref)
         try:
-            return self.evaluate(self.variables[name], f"variables.{name}")
+            return self.evaluate(value, where)
         finally:
-            self._resolving.discard(name)
+            self._resolving.discard(ref)
 
     def evaluate(self, value: Any, path: str) -> Any:
         """Evaluates every expression string inside `value` (a JSON value)."""

@@ -89,7 +89,13 @@ def load_template(
     """
     path = Path(path)
     values = {"templateDir": str(path.resolve().parent), **(values or {})}
-    data = _read_json(path)
+    try:
+        return _load(path, _read_json(path), values, allow_placeholders)
+    except RecursionError:  # JSON that parses but is nested deeper than the checks below can walk
+        raise TemplateError(path, [Problem("", "invalid template: JSON nested too deeply")]) from None
+
+
+def _load(path: Path, data: dict[str, Any], values: dict[str, Any], allow_placeholders: bool) -> LoadedTemplate:
     problems: list[Problem] = []
 
     options_raw = data.pop(OPTIONS_KEY, None)
@@ -142,6 +148,9 @@ def _read_json(path: Path) -> dict[str, Any]:
             out[k] = v
         return out
 
+    def not_json(name: str) -> Any:  # Python's json reads NaN and Infinity; JSON (and AIB) has no such values
+        raise ValueError(f"'{name}' is not a JSON value")
+
     try:
         text = path.read_text(encoding="utf-8-sig")  # tolerate a BOM, as Azure tooling does
     except FileNotFoundError:
@@ -153,10 +162,10 @@ def _read_json(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise TemplateError(path, [Problem("", f"can't read: {e.strerror}")]) from None
     try:
-        data = json.loads(text, object_pairs_hook=no_duplicates)
+        data = json.loads(text, object_pairs_hook=no_duplicates, parse_constant=not_json)
     except json.JSONDecodeError as e:
         raise TemplateError(f"{path}:{e.lineno}:{e.colno}", [Problem("", f"invalid JSON: {e.msg}")]) from None
-    except ValueError as e:  # duplicate key
+    except ValueError as e:  # duplicate key, NaN
         raise TemplateError(path, [Problem("", f"invalid template: {e}")]) from None
     except RecursionError:
         raise TemplateError(path, [Problem("", "invalid template: JSON nested too deeply")]) from None

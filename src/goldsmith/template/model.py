@@ -18,7 +18,7 @@ NAME_PATTERN = r"^[A-Za-z0-9-_.]{1,64}$"
 
 
 def ReadOnly(description: str = "read-only: set by the service, ignored here") -> Any:
-    return Field(default=None, description=description, json_schema_extra={"readOnly": True})
+    return Field(default=None, description=description, exclude=True, json_schema_extra={"readOnly": True})
 
 
 class Strict(BaseModel):
