@@ -1,0 +1,134 @@
+"""The build-step operators: thin glue between an Airflow task and one backend step.
+
+Each reads the plan (XCom of `plan`) and its run context, calls one backend step, and returns small JSON.
+Imported as `goldsmith.operators.steps` (see pyproject); plugins/.airflowignore keeps Airflow's plugin loader
+from importing this folder a second time under the generic name `operators`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import BaseOperator, Context
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+from goldsmith.build import Build, BuildError, backend_for
+from goldsmith.template.loader import TemplateError, load_template
+from goldsmith.template.plan import BuildPlan, make_plan
+
+
+class GoldsmithStepOperator(BaseOperator):
+    ui_color = "#f3e3b5"
+
+    def __init__(self, *, template_file: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.template_file = template_file
+
+    def build(self, context: Context) -> Build:
+        plan = BuildPlan.model_validate(context["ti"].xcom_pull(task_ids="plan"))
+        return Build(plan, context["dag"].dag_id, context["run_id"], dict(context["params"]), self.log)
+
+    def execute(self, context: Context) -> Any:
+        build = self.build(context)
+        try:
+            return self.run_step(build, context)
+        except BuildError as e:
+            # Bad input or a refused operation: a retry would fail the same way. Anything else is retried.
+            raise AirflowFailException(str(e)) from None
+
+    def run_step(self, build: Build, context: Context) -> Any:
+        raise NotImplementedError
+
+
+class PlanOperator(BaseOperator):
+    """Loads and validates the template, checksums its scripts, resolves the source's exact version."""
+
+    ui_color = "#d9ead3"
+
+    def __init__(self, *, template_file: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.template_file = template_file
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        try:
+            plan = make_plan(load_template(self.template_file))
+        except TemplateError as e:
+            raise AirflowFailException(f"invalid template:\n{e}") from None
+        build = Build(plan, context["dag"].dag_id, context["run_id"], dict(context["params"]), self.log)
+        try:
+            source = backend_for(build).resolve_source()
+        except BuildError as e:
+            raise AirflowFailException(str(e)) from None
+        self.log.info("plan %s: digest %s, source %s", plan.name, plan.digest, source)
+        context["ti"].xcom_push(key="source", value=source)
+        context["ti"].xcom_push(key="digest", value=plan.digest)
+        return plan.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class PrepareStagingOperator(GoldsmithStepOperator):
+    def run_step(self, build: Build, context: Context) -> Any:
+        return backend_for(build).prepare_staging()
+
+
+class ProvisionOperator(GoldsmithStepOperator):
+    def run_step(self, build: Build, context: Context) -> Any:
+        return backend_for(build).provision(context["ti"].xcom_pull(task_ids="plan", key="source"))
+
+
+class CustomizeOperator(GoldsmithStepOperator):
+    def __init__(self, *, index: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.index = index
+
+    def run_step(self, build: Build, context: Context) -> Any:
+        return backend_for(build).customize(build.plan.customize_steps()[self.index])
+
+
+class ValidateOperator(GoldsmithStepOperator):
+    def __init__(self, *, index: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.index = index
+
+    def run_step(self, build: Build, context: Context) -> Any:
+        return backend_for(build).validate(build.plan.validate_steps()[self.index])
+
+
+class GeneralizeOperator(GoldsmithStepOperator):
+    def run_step(self, build: Build, context: Context) -> Any:
+        failed = _failed_tasks(context, prefix="customize.")
+        if failed:  # runs after failed validations (continueDistributeOnFailure), never after failed customizers
+            raise AirflowSkipException(f"not generalizing: {', '.join(failed)} failed")
+        return backend_for(build).generalize()
+
+
+class CaptureOperator(GoldsmithStepOperator):
+    def run_step(self, build: Build, context: Context) -> Any:
+        return backend_for(build).capture()
+
+
+class DistributeOperator(GoldsmithStepOperator):
+    def __init__(self, *, run_output_name: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.run_output_name = run_output_name
+
+    def run_step(self, build: Build, context: Context) -> Any:
+        step = next(s for s in build.plan.distribute_steps() if s.name == self.run_output_name)
+        return backend_for(build).distribute(step, context["ti"].xcom_pull(task_ids="plan", key="source"))
+
+
+class CleanupStagingOperator(GoldsmithStepOperator):
+    """Always runs (a teardown): stops the VM and removes the staging area, unless errorHandling says abort."""
+
+    def run_step(self, build: Build, context: Context) -> Any:
+        handling = build.plan.error_handling
+        on_customizer = build.params.get("onCustomizerError") or handling.onCustomizerError
+        keep = (on_customizer == "abort" and _failed_tasks(context, "customize.")) or (
+            handling.onValidationError == "abort" and _failed_tasks(context, "validate.")
+        )
+        return backend_for(build).cleanup(keep_vm=bool(keep))
+
+
+def _failed_tasks(context: Context, prefix: str) -> list[str]:
+    states = context["ti"].get_task_states(dag_id=context["dag"].dag_id, run_ids=[context["run_id"]])
+    run_states = states.get(context["run_id"], {})
+    return sorted(t for t, s in run_states.items() if t.startswith(prefix) and s == "failed")

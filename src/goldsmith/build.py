@@ -1,0 +1,78 @@
+"""What every build step knows about its run, and the interface each backend implements.
+
+A step runs in its own process (an Airflow task), maybe on another worker: it gets the plan from XCom and
+finds everything else in the staging area by deterministic name, so a retry adopts what an earlier try made.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from goldsmith.template.plan import BuildPlan, Step
+
+_STAGING_NAMESPACE = uuid.UUID("8f4c2d0e-6a43-4a57-9d55-0b5d2a1e7c11")
+_RG_IN_ID = re.compile(r"/resourceGroups/([^/]+)/", re.IGNORECASE)
+
+
+class BuildError(Exception):
+    """A build step failed for a reason the user can act on; the message says which and how."""
+
+
+@dataclass(frozen=True)
+class Build:
+    plan: BuildPlan
+    dag_id: str
+    run_id: str
+    params: dict[str, Any] = field(default_factory=dict)
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("goldsmith.build"))
+
+    @property
+    def guid(self) -> str:
+        """Derived from the DAG run, so every try of every step of one run names the same staging area."""
+        return str(uuid.uuid5(_STAGING_NAMESPACE, f"{self.dag_id}/{self.run_id}"))
+
+    @property
+    def staging_name(self) -> str:
+        """AIB's `IT_<destinationResourceGroup>_<templateName>_<guid>`, within Azure's 90-character limit."""
+        rg = destination_resource_group(self.plan) or "goldsmith"
+        head = f"IT_{rg}_{self.plan.name}"[: 90 - len(self.guid) - 1]
+        return f"{head}_{self.guid}"
+
+    @property
+    def run_key(self) -> str:
+        """Marks artifacts made by this run, so a retried distribute adopts them instead of publishing twice."""
+        return f"{self.dag_id}/{self.run_id}"
+
+
+def destination_resource_group(plan: BuildPlan) -> str | None:
+    for d in plan.template.properties.distribute:
+        target = getattr(d, "imageId", None) or getattr(d, "galleryImageId", None)
+        if target and (match := _RG_IN_ID.search(target)):
+            return match.group(1)
+    return None
+
+
+class Backend(Protocol):
+    """The build steps, in AIB's order. Each is idempotent; each returns small JSON for XCom."""
+
+    def resolve_source(self) -> dict[str, Any]: ...
+    def prepare_staging(self) -> dict[str, Any]: ...
+    def provision(self, source: dict[str, Any]) -> dict[str, Any]: ...
+    def customize(self, step: Step) -> dict[str, Any]: ...
+    def validate(self, step: Step) -> dict[str, Any]: ...
+    def generalize(self) -> dict[str, Any]: ...
+    def capture(self) -> dict[str, Any]: ...
+    def distribute(self, step: Step, source: dict[str, Any]) -> dict[str, Any]: ...
+    def cleanup(self, *, keep_vm: bool) -> dict[str, Any]: ...
+
+
+def backend_for(build: Build) -> Backend:
+    if build.plan.options.backend == "local":
+        from goldsmith.local.backend import LocalBackend
+
+        return LocalBackend(build)
+    raise BuildError(f"backend '{build.plan.options.backend}' is not available in this installation yet")

@@ -1,0 +1,185 @@
+"""One DAG per image template file: the build steps of DESIGN.md as tasks, in AIB's order.
+
+Parsing is cheap and offline: templates are read and validated, nothing is downloaded and no VM is touched.
+A task process builds only its own DAG (`get_parsing_context`). A template that fails validation becomes a
+placeholder DAG carrying the errors, so one broken file never hides the other templates' DAGs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from airflow.sdk import DAG, Param, TaskGroup, chain, get_parsing_context
+from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.bases.operator import BaseOperator
+
+from goldsmith.operators import steps as ops
+from goldsmith.template.loader import LoadedTemplate, TemplateError, load_template
+from goldsmith.template.plan import backend_problems, customize_steps, distribute_steps, validate_steps
+
+BUILD_VM_POOL = "goldsmith_build_vms"
+START_DATE = datetime(2024, 1, 1)
+_DAG_ID = re.compile(r"^[A-Za-z0-9_.-]{1,250}$")
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def templates_dir() -> Path:
+    return Path(os.environ.get("GOLDSMITH_TEMPLATES") or PROJECT_ROOT / "include" / "templates")
+
+
+def build_dags(folder: Path | None = None) -> dict[str, DAG]:
+    folder = folder or templates_dir()
+    wanted = get_parsing_context().dag_id
+    dags = {}
+    for path in sorted(folder.glob("*.json")):
+        if wanted and path.stem != wanted:
+            continue
+        dags[path.stem] = make_dag(path)
+    return dags
+
+
+def make_dag(path: Path) -> DAG:
+    if not _DAG_ID.match(path.stem):
+        return invalid_template_dag(path, [f"{path}: the file name is the DAG id: use only letters, digits, '_', '-', '.'"])
+    try:
+        loaded = load_template(path)
+        problems = backend_problems(loaded)
+        if problems:
+            raise TemplateError(path, problems)
+    except TemplateError as e:
+        return invalid_template_dag(path, str(e).splitlines())
+    return build_dag(loaded)
+
+
+class InvalidTemplateOperator(BaseOperator):
+    ui_color = "#f4cccc"
+
+    def __init__(self, *, problems: list[str], **kwargs):
+        super().__init__(**kwargs)
+        self.problems = problems
+
+    def execute(self, context):
+        raise AirflowFailException("the template is invalid:\n" + "\n".join(self.problems))
+
+
+def invalid_template_dag(path: Path, problems: list[str]) -> DAG:
+    dag_id = path.stem if _DAG_ID.match(path.stem) else re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem)[:250] or "invalid"
+    with DAG(
+        dag_id,
+        description=f"INVALID TEMPLATE: {problems[0]}"[:1000],
+        doc_md="### Invalid template\n\nFix these and the build DAG comes back:\n\n"
+        + "\n".join(f"- `{p}`" for p in problems),
+        schedule=None,
+        start_date=START_DATE,
+        catchup=False,
+        tags=["goldsmith", "invalid-template"],
+    ) as dag:
+        InvalidTemplateOperator(task_id="invalid_template", problems=problems, retries=0)
+    return dag
+
+
+def build_dag(loaded: LoadedTemplate) -> DAG:
+    t, o = loaded.template, loaded.options
+    timeout = timedelta(minutes=t.properties.buildTimeoutInMinutes or 240)
+    validation = t.properties.validate_
+    source_only = bool(validation and validation.sourceValidationOnly)
+    common = {"template_file": str(loaded.path)}
+    vm_task = {**common, "pool": BUILD_VM_POOL}
+    with DAG(
+        loaded.name,
+        description=o.description or _describe(loaded),
+        doc_md=_doc_md(loaded),
+        schedule=o.schedule,
+        start_date=START_DATE,
+        catchup=False,
+        max_active_runs=1,
+        tags=sorted({"goldsmith", f"backend:{o.backend}", f"source:{t.properties.source.type}", *o.tags}),
+        default_args={
+            "owner": o.owner,
+            "retries": o.retries,
+            "retry_delay": timedelta(seconds=o.retryDelaySeconds),
+            "retry_exponential_backoff": 2.0,
+            "max_retry_delay": timedelta(minutes=10),
+            "execution_timeout": timeout,
+        },
+        params={
+            "galleryImageVersion": Param(
+                None, type=["null", "string"], pattern=r"^\d+\.\d+\.\d+$",
+                title="Gallery image version", description="Publish SharedImage targets as this version (x.y.z) "
+                "instead of the template's versioning.",
+            ),
+            "onCustomizerError": Param(
+                (t.properties.errorHandling.onCustomizerError if t.properties.errorHandling else "cleanup"),
+                enum=["cleanup", "abort"], title="On customizer error",
+                description="abort keeps the build VM running for debugging; cleanup removes it.",
+            ),
+        },
+        render_template_as_native_obj=True,
+    ) as dag:
+        plan = ops.PlanOperator(task_id="plan", **common)
+        prepare = ops.PrepareStagingOperator(task_id="prepare_staging", **common)
+        provision = ops.ProvisionOperator(task_id="provision", **vm_task)
+        cleanup = ops.CleanupStagingOperator(task_id="cleanup_staging", **common)
+
+        customize, validate = [], []
+        if customize_steps(t) and not source_only:
+            with TaskGroup("customize", tooltip="the template's customizers, in order"):
+                customize = [ops.CustomizeOperator(task_id=s.local_id, index=s.index, **vm_task)
+                             for s in customize_steps(t)]
+        if validate_steps(t):
+            with TaskGroup("validate", tooltip="in-VM validations, in order"):
+                validate = [ops.ValidateOperator(task_id=s.local_id, index=s.index, **vm_task)
+                            for s in validate_steps(t)]
+        chain(plan, prepare, provision, *customize, *validate)
+        if source_only:  # AIB validates the source image itself: nothing is built or distributed
+            chain(validate[-1] if validate else provision, cleanup)
+        else:
+            generalize = ops.GeneralizeOperator(task_id="generalize", **vm_task)
+            if validation and validation.continueDistributeOnFailure:
+                # Distribute even when a validator failed; the run is still reported failed, as in AIB.
+                generalize.trigger_rule = "all_done"
+            capture = ops.CaptureOperator(task_id="capture", **common)
+            with TaskGroup("distribute"):
+                distribute = [
+                    ops.DistributeOperator(task_id=s.local_id, run_output_name=s.name, **common)
+                    for s in distribute_steps(t)
+                ]
+            chain((validate or customize or [provision])[-1], generalize, capture, distribute)
+            chain(distribute, cleanup)
+        # A teardown runs whatever failed upstream and does not decide the run's state.
+        cleanup.as_teardown(setups=prepare)
+    return dag
+
+
+def _describe(loaded: LoadedTemplate) -> str:
+    t = loaded.template.properties
+    targets = ", ".join(f"{d.type} {d.runOutputName}" for d in t.distribute)
+    return f"Image from {_source_label(loaded)} with {len(t.customize)} customizer(s) to {targets}"
+
+
+def _source_label(loaded: LoadedTemplate) -> str:
+    s = loaded.template.properties.source
+    if s.type == "PlatformImage":
+        return f"{s.publisher}:{s.offer}:{s.sku}:{s.version}"
+    return getattr(s, "imageId", None) or getattr(s, "imageVersionId", "")
+
+
+def _doc_md(loaded: LoadedTemplate) -> str:
+    t = loaded.template.properties
+    lines = [
+        f"## Image template `{loaded.name}`",
+        f"File: `{loaded.path}`  ·  backend: **{loaded.options.backend}**  ·  build timeout: "
+        f"{t.buildTimeoutInMinutes or 240} min",
+        "",
+        f"**Source** ({t.source.type}): `{_source_label(loaded)}`",
+        "",
+        "**Customizers**",
+        *[f"{i}. {c.type} `{c.name or ''}`" for i, c in enumerate(t.customize)],
+        "",
+        "**Distribution**",
+        *[f"- {d.type} `{d.runOutputName}`: `{getattr(d, 'imageId', None) or getattr(d, 'galleryImageId', None) or getattr(d, 'uri', None) or 'staging storage'}`" for d in t.distribute],
+    ]
+    return "\n".join(lines)
