@@ -14,7 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,17 +46,26 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_sshd(extra_config: tuple[str, ...] = (), port: int | None = None) -> Iterator[SSHServer]:
-    if not os.path.exists(SSHD):
-        pytest.skip(f"{SSHD} missing: run `make setup` (apt package openssh-server)")
+def running_sshd(env: Mapping[str, str] | None = None, port: int | None = None,
+                 client_key: Path | None = None) -> Iterator[SSHServer]:
+    """sshd on 127.0.0.1 (`port`, else a free one) accepting `client_key` (else a new key),
+    with `env` set in its sessions."""
+    if not os.path.exists(SSHD) or shutil.which("ssh-keygen") is None:
+        pytest.skip(f"{SSHD} or ssh-keygen missing: run `make setup` (apt openssh-server, openssh-client)")
     if os.geteuid() == 0:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation dir
     with tempfile.TemporaryDirectory(prefix="goldsmith-sshd-") as tmp:
         d = Path(tmp)
-        for name, kind in (("host_key", "ed25519"), ("client_key", "ed25519")):
-            subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", d / name], check=True)
-        (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", d / "host_key"], check=True)
+        if client_key is None:
+            client_key = d / "client_key"
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", client_key], check=True)
+        (d / "authorized_keys").write_text(Path(f"{client_key}.pub").read_text())
         port = port or free_port()
+        # A fresh HOME: the host user's dotfiles (e.g. pyenv init in .bashrc, which bash reads
+        # under sshd) would slow every command down, and a build VM has none of them.
+        (d / "home").mkdir()
+        env = {"HOME": str(d / "home"), **(env or {})}
         (d / "sshd_config").write_text("\n".join([
             f"ListenAddress 127.0.0.1:{port}",
             f"HostKey {d / 'host_key'}",
@@ -68,14 +77,14 @@ def running_sshd(extra_config: tuple[str, ...] = (), port: int | None = None) ->
             "KbdInteractiveAuthentication no",
             "PermitRootLogin prohibit-password",
             "Subsystem sftp internal-sftp",
-            *extra_config,
+            "SetEnv " + " ".join(f"{name}={value}" for name, value in env.items()),
         ]) + "\n")
         log = open(d / "sshd.log", "wb")
         proc = subprocess.Popen([SSHD, "-D", "-e", "-f", d / "sshd_config"], stdout=log, stderr=log)
         try:
             _wait_listening(port, proc, d / "sshd.log")
             yield SSHServer("127.0.0.1", port, pwd.getpwuid(os.getuid()).pw_name,
-                            d / "client_key", proc.pid, d)
+                            Path(client_key), proc.pid, d)
         finally:
             _stop(proc)
             log.close()
@@ -126,12 +135,21 @@ def _stop(proc: subprocess.Popen) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + 5
+    while any(is_running(pid) for pid in leftovers) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def is_running(pid: int) -> bool:
+    """True unless the process is gone or a zombie (dead, waiting for init to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 @pytest.fixture(scope="session")
 def sshd() -> Iterator[SSHServer]:
-    if shutil.which("ssh-keygen") is None:
-        pytest.skip("ssh-keygen missing: run `make setup` (apt package openssh-client)")
     with running_sshd() as server:
         yield server
 
