@@ -1,0 +1,21 @@
+"""Where Goldsmith keeps its files on this host; each location can be moved with an environment variable."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _dir(variable: str, default: str) -> Path:
+    # An empty variable counts as unset, so `GOLDSMITH_HOME= cmd` doesn't mean "the current directory".
+    return Path(os.environ.get(variable) or default).expanduser()
+
+
+def goldsmith_home() -> Path:
+    """Durable state: the local gallery, run outputs. `$GOLDSMITH_HOME`, default ~/.local/share/goldsmith."""
+    return _dir("GOLDSMITH_HOME", "~/.local/share/goldsmith")
+
+
+def goldsmith_cache() -> Path:
+    """Re-creatable downloads (base images, scripts). `$GOLDSMITH_CACHE`, default ~/.cache/goldsmith."""
+    return _dir("GOLDSMITH_CACHE", "~/.cache/goldsmith")
