@@ -480,7 +480,8 @@ class LocalGallery:
             metadata["checksums"] = {"sha256": _sha256(staging / DISK)}
             if regions is not None:
                 for region in regions:
-                    region["path"] = str(self._replicate(ref, staging / DISK, region["name"], replicas) or final / DISK)
+                    replica = self._replicate(ref, staging / DISK, region["name"], replicas)
+                    region["path"] = str(replica or final / DISK)  # unmapped regions are served from the root
                 metadata["regions"] = regions
             (staging / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
             _fsync(staging / METADATA)
@@ -597,7 +598,8 @@ class LocalGallery:
 
     def _managed_images(self) -> list[ImageRecord]:
         found = self.root.glob(f"*/*/images/*/{METADATA}")
-        return [self._image_at(path.parent) for path in found if _visible(path.relative_to(self.root))]
+        records = [self._image_at(path.parent) for path in found if _visible(path.relative_to(self.root))]
+        return [record for record in records if record is not None]  # None: deleted while we looked
 
     def _missing(self, what: str, artifact_id: str, scope: str, nearby: list[str]) -> GalleryError:
         listing = "\n  ".join(nearby) if nearby else "(none)"
