@@ -74,7 +74,7 @@ def test_file_errors_name_the_remote_path(comm, tmp_path):
 
 def test_dropped_connection_is_reported_and_reconnect_works(comm):
     # $PPID is the sshd session process: killing it is what a reboot does to the connection.
-    result = comm.run("echo before; sleep 0.3; kill -9 $PPID; sleep 5")
+    result = comm.run("echo before; sleep 0.3; kill -9 $PPID $$")
     assert result.disconnected and result.exit_code is None
     assert result.tail == ["before"]
     with pytest.raises(CommunicatorError, match="wait_until_ready"):
@@ -99,15 +99,21 @@ def test_unresponsive_peer_is_detected_as_a_disconnect(sshd):
             result = comm.run("kill -STOP $PPID; exec sleep 30", timeout=20)
             assert result.disconnected
         finally:
-            for pid in set(_descendants(sshd.pid)) - before:
-                os.kill(pid, signal.SIGKILL)
+            kill_new_processes(sshd, before)
 
 
-def test_timeout_raises_with_tail_and_keeps_the_connection(comm):
+def kill_new_processes(sshd, before):
+    for pid in set(_descendants(sshd.pid)) - before:
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_timeout_raises_with_tail_and_keeps_the_connection(sshd, comm):
+    before = set(_descendants(sshd.pid))
     with pytest.raises(CommandTimeout, match="within 1s") as caught:
-        comm.run("echo started; sleep 3", timeout=0.8)
+        comm.run("echo started; exec sleep 30", timeout=0.8)
     assert caught.value.tail == ["started"]
     assert comm.run("true").exit_code == 0
+    kill_new_processes(sshd, before)  # closing the channel does not stop the remote command
 
 
 def test_host_key_fingerprint_is_logged(sshd, caplog):

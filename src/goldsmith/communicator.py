@@ -214,12 +214,18 @@ class SSHCommunicator:
         """Run `command` with the user's login shell; deliver each output line (stdout and stderr
         combined) to `on_line` as it arrives.
 
-        `env` is exported before the command. Its values are never logged; they are, however,
+        On `timeout` the channel is closed and CommandTimeout raised; the remote process may
+        live on. `env` is exported before the command. Its values are never logged; they are, however,
         part of the command line inside the (single-tenant) build VM, since sshd accepts only
         a few variables through the SSH protocol (AcceptEnv).
         """
         log.info("%s: run: %s%s", self, command, f" (env: {', '.join(env)})" if env else "")
-        channel = self._transport.open_session(timeout=self.connect_timeout)
+        try:
+            channel = self._transport.open_session(timeout=self.connect_timeout)
+        except (paramiko.SSHException, EOFError, OSError) as e:
+            self.close()
+            raise CommunicatorError(f"{self}: connection lost before the command started ({e}); "
+                                    f"call wait_until_ready() to reconnect") from e
         try:
             channel.set_combine_stderr(True)
             channel.settimeout(1.0)
