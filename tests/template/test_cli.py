@@ -135,9 +135,13 @@ def test_bad_command_lines_exit_2_with_usage(args):
 @pytest.mark.parametrize("content", [
     b"\xff\xfe\x00{", b"", b"{" * 50_000, b'{"$schema": 1, "parameters": [], "resources": []}',
     b'{"source": {"type": "Shell"}, "distribute": 5}', b'{"location": "\\udc80", "properties": {"\\ud800": 1}}',
+    b'{"$schema": "", "resources": [{"type": "Microsoft.VirtualMachineImages/imageTemplates", '
+    b'"location": "[parameters(\'\\ud800\')]"}]}',
+    b'{"source": {"type": "PlatformImage"}, "distribute": [{"type": "VHD", "runOutputName": "o", "a\\nb": 1}]}',
 ])
 def test_bad_input_never_prints_a_traceback(tmp_path, content):
     (tmp_path / "t.json").write_bytes(content)
     for command in ("validate", "render"):
         result = run(command, str(tmp_path / "t.json"))
         assert result.returncode == 1 and result.stderr == ""
+        assert all(line.startswith(f"{tmp_path}/t.json") for line in result.stdout.splitlines())

@@ -180,6 +180,20 @@ def test_duplicate_run_output_names(write, body):
     assert problems(write(body)) == ["properties: runOutputName must be unique per template; repeated: out"]
 
 
+def test_problem_lines_stay_one_printable_line(write, body):
+    """Keys and values are the user's: a newline or a lone surrogate (valid JSON escapes) must not break the line."""
+    body["properties"]["distribute"][0]["a\nb"] = 1
+    with pytest.raises(TemplateError) as e:
+        load_template(write(body))
+    assert str(e.value) == (f"{e.value.file}:properties.distribute[0].a\\nb: unknown field 'a\\nb' "
+                            "(allowed: type, runOutputName, artifactTags, uri)")
+    body["location"] = "[parameters('\ud800')]"
+    with pytest.raises(TemplateError) as e:
+        load_template(write(arm(body)))
+    assert str(e.value) == (f"{e.value.file}:resources[0].location: parameters('\\ud800') is not declared in "
+                            "'parameters' (declared: none)")
+
+
 def test_all_problems_are_reported_at_once(write, body):
     body["properties"]["distribute"][0]["aritfactTags"] = {}
     body["properties"]["buildTimeoutInMinutes"] = 961

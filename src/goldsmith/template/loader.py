@@ -27,6 +27,8 @@ from goldsmith.template.arm import ArmError, Evaluator
 
 PLACEHOLDER = re.compile(r"<([A-Za-z_][A-Za-z0-9_.-]*)>")
 OPTIONS_KEY = "goldsmith"
+# Line breaks, other control characters and lone surrogates (valid in JSON strings, unprintable as UTF-8).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,10 @@ class Problem:
     severity: str = "error"  # or "note": reported, but the template is still valid
 
     def format(self, file: str | Path) -> str:
+        """One line, whatever keys and values the file holds: unprintable characters are escaped."""
         where = f"{file}:{self.path}" if self.path else str(file)
-        return f"{where}: {'note: ' if self.severity == 'note' else ''}{self.message}"
+        line = f"{where}: {'note: ' if self.severity == 'note' else ''}{self.message}"
+        return _UNPRINTABLE.sub(lambda c: c.group().encode("unicode_escape").decode(), line)
 
 
 class TemplateError(Exception):
