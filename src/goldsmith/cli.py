@@ -91,6 +91,43 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run_outputs(args: argparse.Namespace) -> int:
+    from goldsmith import runoutputs
+
+    try:
+        run_id, outputs = runoutputs.list_outputs(args.template, args.run_id)
+    except runoutputs.RunOutputsError as e:
+        raise UsageError(str(e)) from None
+    if args.json:
+        print(json.dumps({"runId": run_id, "value": outputs}, indent=2))
+    elif run_id is None:
+        print(f"no runs of {args.template} recorded")
+    else:
+        print(f"run {run_id}")
+        for o in outputs:
+            p = o["properties"]
+            print(f"  {o['name']}: {p['provisioningState']}  {p.get('artifactId') or p.get('artifactUri')}")
+    return 0
+
+
+def cmd_gallery_list(args: argparse.Namespace) -> int:
+    from goldsmith.local.gallery import LocalGallery
+
+    entries = LocalGallery().list()
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    for e in entries:
+        print(e["id"])
+        for v in e.get("versions", [e] if "provenance" in e else []):
+            prov = v["provenance"]
+            src = prov["source"]
+            print(f"  {v.get('version', '')} {v['createdTime']}  from {src['id']}"
+                  f" ({src.get('exactVersion') or '-'})  template {prov['template']} {prov['templateDigest'][:19]}"
+                  f"  run {prov['runId']}")
+    return 0
+
+
 def _template_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parameters", metavar="FILE", help="ARM parameters file ({\"parameters\": {\"x\": {\"value\": ...}}})")
     p.add_argument("--set", action="append", metavar="NAME=VALUE",
@@ -112,6 +149,16 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_render)
     s = sub.add_parser("schema", help="print the JSON Schema of the template format")
     s.set_defaults(func=cmd_schema)
+    o = sub.add_parser("run-outputs", help="AIB's run outputs of a template's build (default: the latest run)")
+    o.add_argument("template", metavar="TEMPLATE", help="the template name (its file name without .json)")
+    o.add_argument("--run-id", help="an Airflow run id")
+    o.add_argument("--json", action="store_true")
+    o.set_defaults(func=cmd_run_outputs)
+    g = sub.add_parser("gallery", help="the local gallery")
+    gs = g.add_subparsers(dest="gallery_command", required=True)
+    gl = gs.add_parser("list", help="image definitions, versions and managed images, with their provenance")
+    gl.add_argument("--json", action="store_true")
+    gl.set_defaults(func=cmd_gallery_list)
     return p
 
 
