@@ -41,14 +41,17 @@ class CustomizerError(Exception):
 
 
 class FetchError(CustomizerError):
-    """A scriptUri/sourceUri could not be downloaded."""
+    """A scriptUri/sourceUri could not be read: after all retries, or at once when retrying cannot
+    help (HTTP 4xx, a missing local file, an unsupported scheme)."""
 
 
-class ChecksumMismatch(FetchError):
+class ChecksumMismatch(CustomizerError):
+    """The source was downloaded but is not the file sha256Checksum names (not worth a retry)."""
+
     def __init__(self, uri: str, expected: str, actual: str):
         super().__init__(
             f"{_redact(uri)}: sha256 is {actual}, but sha256Checksum says {expected}; "
-            f"the file changed since the checksum was written: update sha256Checksum or the source"
+            f"if the new file is intended, update sha256Checksum (lowercase hex of the file), else fix the source"
         )
         self.uri, self.expected, self.actual = uri, expected, actual
 
