@@ -268,7 +268,7 @@ def render(*args: str) -> dict:
     return json.loads(out.getvalue())
 
 
-def test_parameters_file_and_set_precedence(write, body, tmp_path):
+def test_parameters_file_and_set_precedence(write, body):
     body["location"] = "[parameters('location')]"
     body["properties"]["buildTimeoutInMinutes"] = "[parameters('timeout')]"
     body["properties"]["distribute"][0]["runOutputName"] = "[parameters('out')]"
