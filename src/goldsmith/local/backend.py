@@ -46,8 +46,7 @@ class LocalBackend:
         try:
             if source.type == "PlatformImage":
                 entry = catalog.resolve(source.publisher, source.offer, source.sku, source.version or "latest")
-                return {"type": source.type, "id": f"{source.publisher}:{source.offer}:{source.sku}:{entry.exact_version}",
-                        "exactVersion": entry.exact_version, "parents": []}
+                return {"type": source.type, "id": entry.urn, "exactVersion": entry.exact_version, "parents": []}
             if source.type == "ManagedImage":
                 image = self.gallery.resolve_managed_image(source.imageId)
                 return {"type": source.type, "id": image.id, "exactVersion": None, "path": str(image.path),
@@ -98,12 +97,15 @@ class LocalBackend:
             overlay = self.staging / "os.qcow2"
             if not overlay.exists():
                 disk.create_overlay(self._source_disk(source), overlay, self._os_disk_size_gb())
-            vcpus, memory_mib = vmsizes.resources(self._vm_size())
+            try:
+                vcpus, memory_mib = vmsizes.vm_size(self._vm_size())
+            except vmsizes.VmSizeError as e:
+                raise BuildError(str(e)) from None
             self.log.info("starting build VM %s: %d vCPU, %d MiB", self._vm_size(), vcpus, memory_mib)
             vm = qemu.launch(
                 self.staging, overlay, vcpus=vcpus, memory_mib=memory_mib, user=BUILD_USER,
                 ssh_public_key=(self.staging / "id_ed25519.pub").read_text().strip(),
-                hostname=self.build.plan.name[:63],
+                hostname=self.build.plan.name, key_path=self.staging / "id_ed25519",
             )
         started = time.monotonic()
         with self._connect(vm):
@@ -143,7 +145,7 @@ class LocalBackend:
         try:
             vm.wait_for_ssh(SSH_READY_TIMEOUT)
             comm.wait_until_ready(SSH_READY_TIMEOUT)
-        except (CommunicatorError, TimeoutError) as e:
+        except (CommunicatorError, qemu.VMError, TimeoutError) as e:
             comm.close()
             raise RuntimeError(f"build VM did not answer on SSH: {e}; console log: {self.staging / 'console.log'}") from e
         return comm
@@ -168,9 +170,7 @@ class LocalBackend:
                                          sha256=c.sha256Checksum or None, name=step.name)
                 else:  # refused at plan time; kept as a guard for plans made by another version
                     raise BuildError(f"{c.type} customizers need the azure backend")
-        except customizers.FetchError:
-            raise  # a download failed: worth a retry
-        except customizers.CustomizerError as e:
+        except customizers.CustomizerError as e:  # downloads were already retried inside fetch()
             raise BuildError(f"{step.task_id}: {e}") from None
         return {"step": step.task_id}
 
