@@ -13,6 +13,9 @@ renamed into place, so a cached disk is always complete.
   only, ed25519 host keys only and locale C.UTF-8; sudo. Timers and units a build VM doesn't need are
   masked (wait-online, apt-daily, e2scrub, fstrim, dpkg-db-backup). Nothing else (no waagent).
 
+``GOLDSMITH_DEBIAN_MIRROR`` overrides the mirror the build downloads from (not the one written into the
+image's sources.list, which is part of the recipe and its digest).
+
 Measured on this host (2 cores, Debian 12, QEMU 7.2, deb.debian.org): recipe build ~2 min (mmdebstrap
 ~85 s, zstd qcow2 conversion ~7 s), 150 MiB qcow2 for a 4 GiB disk (~450 MiB used). Booting it under
 TCG (pc, qemu64, 2 vCPUs): SSH answers after ~79 s; cloud-init is done ~25 s later.
@@ -44,6 +47,7 @@ from pathlib import Path
 
 from goldsmith.local import disk
 from goldsmith.local.catalog import CatalogEntry, Recipe
+from goldsmith.settings import goldsmith_cache
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +79,9 @@ class BaseImageError(RuntimeError):
     """The base disk could not be made."""
 
 
-def cache_root(cache_dir: Path | None = None) -> Path:
-    return Path(cache_dir or os.environ.get("GOLDSMITH_CACHE") or Path.home() / ".cache" / "goldsmith")
-
-
 def ensure_base_image(entry: CatalogEntry, cache_dir: Path | None = None) -> Path:
     """The cached qcow2 base disk for a catalog entry, made first if needed."""
-    base = cache_root(cache_dir) / "base"
+    base = Path(cache_dir or goldsmith_cache()) / "base"
     base.mkdir(parents=True, exist_ok=True)
     final = base / entry.digest
     if (final / DISK_NAME).is_file():
@@ -102,6 +102,7 @@ def ensure_base_image(entry: CatalogEntry, cache_dir: Path | None = None) -> Pat
             meta = {"urn": entry.urn, "kind": entry.kind, "digest": entry.digest, "url": entry.url,
                     "build_seconds": seconds, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             (work / "entry.json").write_text(json.dumps(meta, indent=2) + "\n")
+            (work / DISK_NAME).chmod(0o444)  # overlays use it as their backing file: it must never change
             work.chmod(0o755)  # mkdtemp made it private; the cache is shared read-only
             work.rename(final)
             log.info("base image %s ready in %.0f s: %s", entry.urn, seconds, final / DISK_NAME)
@@ -173,7 +174,7 @@ def _build_recipe(recipe: Recipe, work: Path) -> None:
              work)
         with _mounted(part, root, work):
             _bootstrap(recipe, root, work)
-            _configure(recipe, root, fs_uuid)
+            _configure(recipe, root, fs_uuid, work)
             with _chroot_mounts(root, work):
                 _install_grub(root, loop, fs_uuid, work)
             _run(["fstrim", root], work)  # unused blocks become holes in disk.raw, so the qcow2 stays small
@@ -199,7 +200,7 @@ def _bootstrap(recipe: Recipe, root: Path, work: Path) -> None:
     _run(argv, work)
 
 
-def _configure(recipe: Recipe, root: Path, fs_uuid: str) -> None:
+def _configure(recipe: Recipe, root: Path, fs_uuid: str, work: Path) -> None:
     files = {
         "etc/apt/sources.list": (
             f"deb {recipe.mirror} {recipe.suite} main\n"
@@ -234,10 +235,10 @@ def _configure(recipe: Recipe, root: Path, fs_uuid: str) -> None:
     (root / "var/lib/dbus/machine-id").unlink(missing_ok=True)
     for link in ("vmlinuz.old", "initrd.img.old"):
         (root / link).unlink(missing_ok=True)
-    subprocess.run(["systemctl", f"--root={root}", "--quiet", "enable", "systemd-networkd.service",
-                    "systemd-resolved.service"], check=True, capture_output=True)
-    subprocess.run(["systemctl", f"--root={root}", "--quiet", "mask", *MASKED_UNITS], check=True,
-                   capture_output=True)
+    # The guest's own systemctl: it edits unit links offline in a chroot, and the host may have none.
+    _run(["chroot", root, "systemctl", "--quiet", "enable", "systemd-networkd.service", "systemd-resolved.service"],
+         work)
+    _run(["chroot", root, "systemctl", "--quiet", "mask", *MASKED_UNITS], work)
 
 
 def _install_grub(root: Path, loop: str, fs_uuid: str, work: Path) -> None:
@@ -313,7 +314,9 @@ def _mounted(source: str, target: Path, work: Path, *options: str) -> Iterator[N
     try:
         yield
     finally:
-        subprocess.run(["umount", "--recursive", str(target)], capture_output=True)
+        done = subprocess.run(["umount", "--recursive", str(target)], capture_output=True, text=True)
+        if done.returncode != 0:
+            log.warning("umount %s failed: %s", target, done.stderr.strip())
 
 
 @contextlib.contextmanager

@@ -152,10 +152,13 @@ class VMState:
         if self.is_running():
             try:
                 _qmp(self.path, "system_powerdown")
+                powered_down = self.wait_exit(timeout)
+                if not powered_down:
+                    log.warning("build VM pid %d ignored ACPI power-off for %.0f s; terminating it", self.pid, timeout)
             except (OSError, VMError) as exc:
                 log.warning("QMP powerdown of pid %d failed (%s); terminating it", self.pid, exc)
-            if not self.wait_exit(timeout):
-                log.warning("build VM pid %d ignored ACPI power-off for %.0f s; terminating it", self.pid, timeout)
+                powered_down = False
+            if not powered_down:
                 for sig in (signal.SIGTERM, signal.SIGKILL):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(self.pid, sig)
