@@ -12,6 +12,7 @@ from typing import Any
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from goldsmith import runoutputs
 from goldsmith.build import Build, BuildError, backend_for
 from goldsmith.template.loader import TemplateError, load_template
 from goldsmith.template.plan import BuildPlan, make_plan
@@ -60,6 +61,8 @@ class PlanOperator(BaseOperator):
         except BuildError as e:
             raise AirflowFailException(str(e)) from None
         self.log.info("plan %s: digest %s, source %s", plan.name, plan.digest, source)
+        if plan.options.rebuild == "onChange" and not context["params"].get("forceRebuild"):
+            _skip_if_unchanged(plan, source)
         context["ti"].xcom_push(key="source", value=source)
         context["ti"].xcom_push(key="digest", value=plan.digest)
         return plan.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -113,7 +116,15 @@ class DistributeOperator(GoldsmithStepOperator):
 
     def run_step(self, build: Build, context: Context) -> Any:
         step = next(s for s in build.plan.distribute_steps() if s.name == self.run_output_name)
-        return backend_for(build).distribute(step, context["ti"].xcom_pull(task_ids="plan", key="source"))
+        source = context["ti"].xcom_pull(task_ids="plan", key="source")
+        output = backend_for(build).distribute(step, source)
+        # The asset event says which version this is and where it came from; rebuild chains and lineage read it.
+        context["outlet_events"][self.outlets[0]].extra = {
+            **output, "type": step.item.type, "source": source, "templateDigest": build.plan.digest,
+            "dagRunId": build.run_id, "regions": [r.name for r in getattr(step.item, "targetRegions", None) or []],
+            "startDate": context["ti"].start_date.isoformat() if context["ti"].start_date else None,
+        }
+        return output
 
 
 class CleanupStagingOperator(GoldsmithStepOperator):
@@ -125,10 +136,29 @@ class CleanupStagingOperator(GoldsmithStepOperator):
         keep = (on_customizer == "abort" and _failed_tasks(context, "customize.")) or (
             handling.onValidationError == "abort" and _failed_tasks(context, "validate.")
         )
-        return backend_for(build).cleanup(keep_vm=bool(keep))
+        outcome = backend_for(build).cleanup(keep_vm=bool(keep))
+        states = _task_states(context)
+        distributed = [s for t, s in states.items() if t.startswith("distribute.")]
+        succeeded = bool(distributed) and all(s == "success" for s in distributed) and "failed" not in states.values()
+        runoutputs.record_result(build.plan.name, build.run_id, succeeded=succeeded, digest=build.plan.digest,
+                                 source=context["ti"].xcom_pull(task_ids="plan", key="source"))
+        return outcome
+
+
+def _skip_if_unchanged(plan: BuildPlan, source: dict[str, Any]) -> None:
+    last = next((r for r in reversed(runoutputs.list_results(plan.name)) if r["succeeded"]), None)
+    if last and last["digest"] == plan.digest and (last["source"].get("id"), last["source"].get("exactVersion")) == (
+            source.get("id"), source.get("exactVersion")):
+        raise AirflowSkipException(
+            f"nothing changed since the successful build {last['runId']}: same source {source['id']} "
+            f"({source.get('exactVersion')}), same template and scripts ({plan.digest[:19]}). Trigger with "
+            "forceRebuild to build anyway, or set \"goldsmith\": {\"rebuild\": \"always\"} for patch rebuilds.")
+
+
+def _task_states(context: Context) -> dict[str, str]:
+    states = context["ti"].get_task_states(dag_id=context["dag"].dag_id, run_ids=[context["run_id"]])
+    return {t: s for t, s in states.get(context["run_id"], {}).items() if t != context["ti"].task_id}
 
 
 def _failed_tasks(context: Context, prefix: str) -> list[str]:
-    states = context["ti"].get_task_states(dag_id=context["dag"].dag_id, run_ids=[context["run_id"]])
-    run_states = states.get(context["run_id"], {})
-    return sorted(t for t, s in run_states.items() if t.startswith(prefix) and s == "failed")
+    return sorted(t for t, s in _task_states(context).items() if t.startswith(prefix) and s == "failed")

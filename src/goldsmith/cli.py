@@ -128,6 +128,46 @@ def cmd_gallery_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from goldsmith import lineage
+
+    found = lineage.artifacts()
+    try:
+        result = lineage.ancestry(lineage.find(args.image, found), found)
+    except LookupError as e:
+        print(f"goldsmith: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif args.dot:
+        print(lineage.to_dot(result))
+    else:
+        a = result["artifact"]
+        print(f"{a['id']}\n  {a['kind']} built by {a['template']} (run {a['runId']}, template {a['templateDigest']})")
+        for title, key in (("built from", "ancestors"), ("built on it", "descendants"), ("same run", "siblings")):
+            print(f"  {title}:")
+            for n in result[key] or [{"id": "-", "kind": ""}]:
+                by = f" by {n['template']} (run {n['runId']})" if n.get("template") else ""
+                print(f"    {n['id']}  {n['kind']}{by}")
+    return 0
+
+
+def cmd_outdated(args: argparse.Namespace) -> int:
+    from goldsmith import lineage
+
+    stale = lineage.outdated()
+    if args.json:
+        print(json.dumps(stale, indent=2))
+    elif not stale:
+        print("every image is built from the newest version of its source")
+    for s in [] if args.json else stale:
+        print(f"{s['template']}: built from {s['source']} {s['builtFrom']}, newest is {s['newest']}: "
+              f"trigger DAG {s['dagId']}")
+        for artifact in s["artifacts"]:
+            print(f"    {artifact}")
+    return 0
+
+
 def _template_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parameters", metavar="FILE", help="ARM parameters file ({\"parameters\": {\"x\": {\"value\": ...}}})")
     p.add_argument("--set", action="append", metavar="NAME=VALUE",
@@ -154,6 +194,15 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--run-id", help="an Airflow run id")
     o.add_argument("--json", action="store_true")
     o.set_defaults(func=cmd_run_outputs)
+    li = sub.add_parser("lineage", help="ancestors and descendants of an image version or target")
+    li.add_argument("image", metavar="IMAGE[@VERSION]", help="a template name (optionally @version) or an artifact id")
+    fmt = li.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--dot", action="store_true", help="a Graphviz graph (dot -Tsvg)")
+    li.set_defaults(func=cmd_lineage)
+    od = sub.add_parser("outdated", help="images whose source has a newer version, with the DAG to trigger")
+    od.add_argument("--json", action="store_true")
+    od.set_defaults(func=cmd_outdated)
     g = sub.add_parser("gallery", help="the local gallery")
     gs = g.add_subparsers(dest="gallery_command", required=True)
     gl = gs.add_parser("list", help="image definitions, versions and managed images, with their provenance")

@@ -12,12 +12,16 @@ import re
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from airflow.sdk import DAG, Param, TaskGroup, chain, get_parsing_context
+from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, AssetWatcher, Param, TaskGroup, chain, get_parsing_context
+from airflow.timetables.trigger import CronTriggerTimetable
 from airflow.sdk.exceptions import AirflowFailException
 from airflow.sdk.bases.operator import BaseOperator
 
+from goldsmith import lineage
 from goldsmith.operators import steps as ops
+from goldsmith.settings import goldsmith_home
 from goldsmith.template.loader import LoadedTemplate, TemplateError, load_template
+from goldsmith.triggers import SourceVersionTrigger
 from goldsmith.template.plan import backend_problems, customize_steps, distribute_steps, validate_steps
 
 BUILD_VM_POOL = "goldsmith_build_vms"
@@ -92,7 +96,7 @@ def build_dag(loaded: LoadedTemplate) -> DAG:
         loaded.name,
         description=o.description or _describe(loaded),
         doc_md=_doc_md(loaded),
-        schedule=o.schedule,
+        schedule=schedule(loaded),
         start_date=START_DATE,
         catchup=False,
         max_active_runs=1,
@@ -110,6 +114,11 @@ def build_dag(loaded: LoadedTemplate) -> DAG:
                 None, type=["null", "string"], pattern=r"^\d+\.\d+\.\d+$",
                 title="Gallery image version", description="Publish SharedImage targets as this version (x.y.z) "
                 "instead of the template's versioning.",
+            ),
+            "forceRebuild": Param(
+                False, type="boolean", title="Force rebuild",
+                description="Build even if the source, the template and its scripts are unchanged since the "
+                "last successful build (otherwise such a run is skipped).",
             ),
             "onCustomizerError": Param(
                 (t.properties.errorHandling.onCustomizerError if t.properties.errorHandling else "cleanup"),
@@ -144,7 +153,8 @@ def build_dag(loaded: LoadedTemplate) -> DAG:
             capture = ops.CaptureOperator(task_id="capture", **common)
             with TaskGroup("distribute"):
                 distribute = [
-                    ops.DistributeOperator(task_id=s.local_id, run_output_name=s.name, **common)
+                    ops.DistributeOperator(task_id=s.local_id, run_output_name=s.name,
+                                           outlets=[target_asset(s.item, loaded.name)], **common)
                     for s in distribute_steps(t)
                 ]
             chain((validate or customize or [provision])[-1], generalize, capture, distribute)
@@ -152,6 +162,29 @@ def build_dag(loaded: LoadedTemplate) -> DAG:
         # A teardown runs whatever failed upstream and does not decide the run's state.
         cleanup.as_teardown(setups=prepare)
     return dag
+
+
+def target_asset(distributor, template_name: str) -> Asset:
+    uri = lineage.target_uri(distributor, template_name)
+    return Asset(name=uri, uri=uri, group="image")
+
+
+def schedule(loaded: LoadedTemplate):
+    """The cron schedule, the source image's asset ("whenever the base changes"), or both."""
+    t, o = loaded.template, loaded.options
+    if not lineage.follows_source(t, o):
+        return o.schedule
+    source = t.properties.source
+    uri = lineage.source_uri(source)
+    watchers = []
+    if o.sourceTrigger:  # versions published outside Goldsmith: poll for them, as AIB's SourceImage trigger does
+        trigger = SourceVersionTrigger(loaded.name, source.model_dump(mode="json", exclude_none=True),
+                                       str(goldsmith_home()), o.sourcePollSeconds)
+        watchers.append(AssetWatcher(name=f"{loaded.name}-source", trigger=trigger))
+    asset = Asset(name=uri, uri=uri, group="image", watchers=watchers)
+    if o.schedule:
+        return AssetOrTimeSchedule(timetable=CronTriggerTimetable(o.schedule, timezone="UTC"), assets=asset)
+    return asset
 
 
 def _describe(loaded: LoadedTemplate) -> str:

@@ -4,6 +4,7 @@ Layout under `$GOLDSMITH_HOME/runs`:
 
     <template>/<run-dir>/run.json                       {"runId", "template", "recordedTime"} (first record)
     <template>/<run-dir>/outputs/<runOutputName>.json   a RunOutput, as below
+    <template>/<run-dir>/result.json                    how the build ended: succeeded, digest, source
 
 `<run-dir>` is the Airflow run id made filesystem-safe (`manual__2025-01-01T00:00:00+00:00` ->
 `manual__2025-01-01T00_00_00_00_00-<8 hex of its sha256>`; the hash keeps distinct ids distinct), so the raw
@@ -70,6 +71,26 @@ def record(
     }
     _write_json(run_dir / "outputs" / f"{runOutputName}.json", output)
     return output
+
+
+def record_result(
+    template: str, run_id: str, *, succeeded: bool, digest: str, source: Mapping[str, Any] | None,
+    home: Path | None = None,
+) -> dict[str, Any]:
+    """How a build ended. Skipping unchanged rebuilds and pausing source triggers after failures read it."""
+    now = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    run_dir = _template_dir(template, home) / run_dir_name(run_id)
+    if not (run_dir / "run.json").exists():
+        _write_json(run_dir / "run.json", {"runId": run_id, "template": template, "recordedTime": now})
+    result = {"runId": run_id, "succeeded": succeeded, "digest": digest, "source": dict(source or {}),
+              "finishedTime": now}
+    _write_json(run_dir / "result.json", result)
+    return result
+
+
+def list_results(template: str, *, home: Path | None = None) -> list[dict[str, Any]]:
+    """The ended builds of a template, oldest first."""
+    return [_read_json(d / "result.json") for _, d in _runs(template, home) if (d / "result.json").exists()]
 
 
 def list_runs(template: str, *, home: Path | None = None) -> list[str]:

@@ -49,8 +49,9 @@ class LocalBackend:
                 return {"type": source.type, "id": entry.urn, "exactVersion": entry.exact_version, "parents": []}
             if source.type == "ManagedImage":
                 image = self.gallery.resolve_managed_image(source.imageId)
-                return {"type": source.type, "id": image.id, "exactVersion": None, "path": str(image.path),
-                        "parents": [image.id]}
+                # A managed image is replaced in place: its content checksum tells one build of it from another.
+                return {"type": source.type, "id": image.id, "exactVersion": "sha256:" + image.metadata["checksums"]["sha256"],
+                        "path": str(image.path), "parents": [image.id]}
             version = self.gallery.resolve_image_version(source.imageVersionId)
             return {"type": source.type, "id": version.id, "exactVersion": version.version,
                     "path": str(version.path), "parents": [version.id]}
@@ -260,7 +261,8 @@ class LocalBackend:
             raise BuildError(f"{step.task_id}: {e}") from None
         runoutputs.record(plan.name, self.build.run_id, d.runOutputName, artifactId=artifact_id,
                           artifactUri=artifact_uri, provisioningState="Succeeded",
-                          extra={"digest": plan.digest, "source": provenance["source"]})
+                          extra={"digest": plan.digest, "source": provenance["source"],
+                                 "parents": provenance["parents"]})
         self.log.info("%s: %s", step.task_id, artifact_id or artifact_uri)
         return {"runOutputName": d.runOutputName, "artifactId": artifact_id, "artifactUri": artifact_uri}
 

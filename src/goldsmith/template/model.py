@@ -352,3 +352,7 @@ class GoldsmithOptions(Strict):
     tags: list[str] = Field(default_factory=list, description="extra DAG tags")
     description: str | None = None
     azureConnectionId: str = Field("azure_default", description="Airflow connection used by the azure backend")
+    sourceTrigger: bool = Field(
+        False, description="AIB's SourceImage trigger: rebuild when the source gets a new version (polled)"
+    )
+    sourcePollSeconds: Annotated[int, Field(ge=10, le=86400)] = 300
