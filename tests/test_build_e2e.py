@@ -73,7 +73,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 def dags_test(env: dict[str, str], dag_id: str, conf: dict | None = None) -> subprocess.CompletedProcess:
     args = [AIRFLOW, "dags", "test", dag_id] + (["-c", json.dumps(conf)] if conf else [])
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=1800)
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=1800)
+    log = Path(env["ROOT"]) / f"{dag_id}.log"  # the whole run, for when an assertion shows only its end
+    log.write_text(result.stdout + result.stderr)
+    print(f"dags test {dag_id}: exit {result.returncode}, log {log}")
+    return result
 
 
 def qemu_processes(home: Path) -> list[str]:

@@ -131,7 +131,8 @@ class LocalBackend:
         profile = self.build.plan.template.properties.vmProfile
         return (profile.osDiskSizeGB if profile else 0) or None
 
-    def _running_vm(self) -> qemu.VMState:
+    def _session(self) -> tuple[qemu.VMState, SSHCommunicator]:
+        """The build VM, booted if it is down (a customizer rebooted it), and an SSH session to it."""
         self._require_staging()
         vm = qemu.VMState.load(self.staging)
         if vm is None:
@@ -139,7 +140,15 @@ class LocalBackend:
         if not vm.is_running():
             self.log.warning("the build VM is not running (it rebooted or stopped): starting it again")
             vm = vm.relaunch()
-        return vm
+        try:
+            return vm, self._connect(vm)
+        except RuntimeError:
+            if vm.is_running():
+                raise
+            # It went down while we waited: a reboot still in flight from the previous step.
+            self.log.warning("the build VM went down (a reboot in progress): starting it again")
+            vm = vm.relaunch()
+            return vm, self._connect(vm)
 
     def _connect(self, vm: qemu.VMState) -> SSHCommunicator:
         comm = SSHCommunicator("127.0.0.1", vm.port, BUILD_USER, self.staging / "id_ed25519")
@@ -157,14 +166,15 @@ class LocalBackend:
     # --- customize and validate --------------------------------------------------------------------------------
 
     def customize(self, step: Step) -> dict[str, Any]:
-        c, vm = step.item, self._running_vm()
+        c = step.item
+        vm, comm = self._session()
         try:
-            with self._connect(vm) as comm:
+            with comm:
                 if c.type == "Shell":
                     outcome = customizers.run_shell(
                         comm, inline=c.inline, script_uri=c.scriptUri, sha256=c.sha256Checksum or None,
                         on_line=self._on_line, name=step.name)
-                    if outcome.rebooted:
+                    if outcome.rebooted or _going_down(comm):
                         self._wait_out_reboot(vm)
                 elif c.type == "File":
                     customizers.run_file(comm, source_uri=c.sourceUri, destination=c.destination,
@@ -186,9 +196,10 @@ class LocalBackend:
             pass
 
     def validate(self, step: Step) -> dict[str, Any]:
-        v, vm = step.item, self._running_vm()
+        v = step.item
+        _, comm = self._session()
         try:
-            with self._connect(vm) as comm:
+            with comm:
                 if v.type == "Shell":
                     customizers.run_validator_shell(
                         comm, inline=v.inline, script_uri=v.scriptUri, sha256=v.sha256Checksum or None,
@@ -208,8 +219,8 @@ class LocalBackend:
         if done.exists() and not (vm and vm.is_running()):
             self.log.info("already generalized and stopped by an earlier try")
             return {"generalized": True}
-        vm = self._running_vm()
-        with self._connect(vm) as comm:
+        vm, comm = self._session()
+        with comm:
             try:
                 customizers.deprovision(comm, on_line=self._on_line)
             except customizers.CustomizerError as e:
@@ -302,6 +313,12 @@ class LocalBackend:
         shutil.rmtree(self.staging)
         self.log.info("removed staging area %s", self.staging)
         return {"removed": True}
+
+
+def _going_down(comm: SSHCommunicator) -> bool:
+    """`systemctl reboot` returns at once, so a script can end with exit 0 while the guest shuts down."""
+    result = comm.run("systemctl is-system-running 2>/dev/null || true")
+    return result.disconnected or (result.tail[-1:] == ["stopping"])
 
 
 def _now() -> str:
