@@ -66,6 +66,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "distribute": [{"type": "VHD", "runOutputName": "vhd"}],
     })
     e = airflow_environ(root / "airflow", templates, root / "home")
+    e["AIRFLOW__OPENLINEAGE__TRANSPORT"] = json.dumps(
+        {"type": "file", "log_file_path": str(root / "openlineage.jsonl"), "append": True})
     prepare(e)
     e["ROOT"] = str(root)
     return e
@@ -136,6 +138,14 @@ def test_build_customize_reboot_validate_and_distribute_everywhere(env: dict[str
 
     assert qemu_processes(home) == []
     assert not any((home / "staging").iterdir())
+
+    # OpenLineage (file transport): the source image in, the gallery image out, the version details in a facet.
+    events = [json.loads(line) for line in (root / "openlineage.jsonl").read_text().splitlines() if line.strip()]
+    done = next(e for e in events if e["eventType"] == "COMPLETE" and e["job"]["name"].endswith("distribute.sig"))
+    assert [(d["namespace"], d["name"]) for d in done["inputs"]] == [("platform-image", "debian/debian-12/12")]
+    assert [(d["namespace"], d["name"]) for d in done["outputs"]] == [("arm", BASE_DEF.lower())]
+    facet = done["run"]["facets"]["goldsmith_image"]
+    assert facet["artifactId"] == version["id"] and facet["sourceExactVersion"] == prov["source"]["exactVersion"]
 
 
 def test_failing_customizer_fails_its_task_and_abort_keeps_the_vm(env: dict[str, str]) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from goldsmith import runoutputs
+from goldsmith import lineage, runoutputs
 from goldsmith.build import Build, BuildError, backend_for
 from goldsmith.template.loader import TemplateError, load_template
 from goldsmith.template.plan import BuildPlan, make_plan
@@ -125,6 +125,13 @@ class DistributeOperator(GoldsmithStepOperator):
             "startDate": context["ti"].start_date.isoformat() if context["ti"].start_date else None,
         }
         return output
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        output = task_instance.xcom_pull(task_ids=self.task_id)
+        plan = BuildPlan.model_validate(task_instance.xcom_pull(task_ids="plan"))
+        source = task_instance.xcom_pull(task_ids="plan", key="source") or {}
+        return lineage.openlineage_for_distribution(
+            lineage.source_uri(plan.template.properties.source), self.outlets[0].uri, output, source, plan.digest)
 
 
 class CleanupStagingOperator(GoldsmithStepOperator):

@@ -192,3 +192,37 @@ def _source_spec(source: dict[str, Any]) -> dict[str, Any]:
     if source["type"] == "ManagedImage":
         return {"type": "ManagedImage", "imageId": source["id"]}
     return {"type": "SharedImageVersion", "imageVersionId": _VERSION_SUFFIX.sub("/versions/latest", source["id"])}
+
+
+# --- OpenLineage -----------------------------------------------------------------------------------------------
+
+def openlineage_dataset(uri: str) -> Any:
+    """An asset URI as an OpenLineage dataset: the scheme is the namespace (`arm`, `platform-image`, `file`)."""
+    from openlineage.client.event_v2 import Dataset
+
+    scheme, _, rest = uri.partition(":")
+    return Dataset(namespace=scheme, name=rest.removeprefix("//") or uri)
+
+
+def openlineage_for_distribution(source_uri_: str, target_uri_: str, output: dict[str, Any],
+                                 source: dict[str, Any], digest: str) -> Any:
+    """Source image in, distribution target out, and a run facet with the version details."""
+    import attr
+    from airflow.providers.openlineage.extractors import OperatorLineage
+    from openlineage.client.facet_v2 import RunFacet
+
+    @attr.define
+    class GoldsmithImageRunFacet(RunFacet):
+        runOutputName: str
+        artifactId: str | None
+        artifactUri: str | None
+        sourceId: str | None
+        sourceExactVersion: str | None
+        templateDigest: str
+
+    facet = GoldsmithImageRunFacet(
+        runOutputName=output["runOutputName"], artifactId=output.get("artifactId"),
+        artifactUri=output.get("artifactUri"), sourceId=source.get("id"),
+        sourceExactVersion=source.get("exactVersion"), templateDigest=digest)
+    return OperatorLineage(inputs=[openlineage_dataset(source_uri_)], outputs=[openlineage_dataset(target_uri_)],
+                           run_facets={"goldsmith_image": facet})
