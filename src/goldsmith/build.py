@@ -22,6 +22,15 @@ class BuildError(Exception):
     """A build step failed for a reason the user can act on; the message says which and how."""
 
 
+class Pending(Exception):
+    """Raised by a step that started long operations (the azure backend): wait until `trigger` (an Airflow
+    trigger) fires, then call the step again; it continues from what exists. `ids` is small JSON for XCom."""
+
+    def __init__(self, trigger: Any, ids: dict[str, Any]):
+        super().__init__(ids.get("waiting_for", "long operations"))
+        self.trigger, self.ids = trigger, ids
+
+
 @dataclass(frozen=True)
 class Build:
     plan: BuildPlan
@@ -57,7 +66,8 @@ def destination_resource_group(plan: BuildPlan) -> str | None:
 
 
 class Backend(Protocol):
-    """The build steps, in AIB's order. Each is idempotent; each returns small JSON for XCom."""
+    """The build steps, in AIB's order. Each is idempotent; each returns small JSON for XCom, or raises Pending
+    while long operations it started run."""
 
     def resolve_source(self) -> dict[str, Any]: ...
     def prepare_staging(self) -> dict[str, Any]: ...
@@ -75,4 +85,8 @@ def backend_for(build: Build) -> Backend:
         from goldsmith.local.backend import LocalBackend
 
         return LocalBackend(build)
+    if build.plan.options.backend == "azure":
+        from goldsmith.azure.backend import AzureBackend
+
+        return AzureBackend(build)
     raise BuildError(f"backend '{build.plan.options.backend}' is not available in this installation yet")
