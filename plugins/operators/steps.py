@@ -7,23 +7,31 @@ from importing this folder a second time under the generic name `operators`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
+from airflow.configuration import conf
 from airflow.sdk import BaseOperator, Context
-from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
 from goldsmith import lineage, runoutputs
-from goldsmith.build import Build, BuildError, backend_for
+from goldsmith.build import Build, BuildError, Pending, backend_for
 from goldsmith.template.loader import TemplateError, load_template
 from goldsmith.template.plan import BuildPlan, make_plan
 
 
 class GoldsmithStepOperator(BaseOperator):
+    """A step that raises Pending (long operations it started) is called again once they end: after a deferral
+    to its trigger (deferrable=True, needs a triggerer), or after this worker ran the trigger itself."""
+
     ui_color = "#f3e3b5"
 
-    def __init__(self, *, template_file: str, **kwargs: Any):
+    def __init__(self, *, template_file: str,
+                 deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False), **kwargs: Any):
         super().__init__(**kwargs)
         self.template_file = template_file
+        self.deferrable = deferrable
 
     def build(self, context: Context) -> Build:
         plan = BuildPlan.model_validate(context["ti"].xcom_pull(task_ids="plan"))
@@ -31,15 +39,36 @@ class GoldsmithStepOperator(BaseOperator):
 
     def execute(self, context: Context) -> Any:
         build = self.build(context)
-        try:
-            return self.run_step(build, context)
-        except BuildError as e:
-            # Bad input or a refused operation: a retry would fail the same way. Anything else is retried.
-            raise AirflowFailException(str(e)) from None
+        while True:
+            try:
+                return self.run_step(build, context)
+            except BuildError as e:
+                # Bad input or a refused operation: a retry would fail the same way. Anything else is retried.
+                raise AirflowFailException(str(e)) from None
+            except Pending as pending:
+                context["ti"].xcom_push(key="pending", value=pending.ids)
+                if self.deferrable:
+                    self.defer(trigger=pending.trigger, method_name="execute_complete")
+                _check_event(asyncio.run(_first_event(pending.trigger)))
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
+        _check_event(event)
+        return self.execute(context)
 
     def run_step(self, build: Build, context: Context) -> Any:
         raise NotImplementedError
 
+
+async def _first_event(trigger: Any) -> dict[str, Any]:
+    async with contextlib.aclosing(trigger.run()) as events:
+        async for event in events:
+            return event.payload
+    raise AirflowException(f"{trigger!r} ended without an event")
+
+
+def _check_event(event: dict[str, Any]) -> None:
+    if event.get("status") != "success":  # the operation failed: retried, as a retry may succeed
+        raise AirflowException(event.get("message") or f"waiting failed: {event}")
 
 class PlanOperator(BaseOperator):
     """Loads and validates the template, checksums its scripts, resolves the source's exact version."""
