@@ -1,0 +1,1026 @@
+"""The azure backend: AIB's build process on Azure Resource Manager.
+
+A build's resources live in its staging resource group (`IT_<rg>_<template>_<guid>`, or the template's
+`stagingResourceGroup`), under fixed names, so each step — in any process, on any try — finds what earlier
+steps and tries made. Long operations are started, then handed to the caller as `Pending` (a trigger to wait
+on); the step is called again when they end and continues from what exists. A few things ARM can't hold live
+in a local staging directory `$GOLDSMITH_HOME/staging/<group>/`: the build VM's ephemeral SSH key and the
+journal of Run Command operations (an action, not a resource). On a worker without it, a new key is installed
+through Run Command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import time
+import urllib.request
+from datetime import datetime, timedelta, timezone
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterator
+
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError, ServiceRequestError, ServiceResponseError
+from azure.core.rest import HttpRequest
+from azure.storage.blob import BlobClient, BlobServiceClient
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from goldsmith import customizers, runoutputs
+from goldsmith.azure import arm, windows
+from goldsmith.azure.arm import ResourceId, Wait
+from goldsmith.azure.hooks import AzureBuildHook, AzureSettingsError
+from goldsmith.azure.triggers import ArmWaitTrigger
+from goldsmith.build import Build, BuildError, Pending
+from goldsmith.communicator import CommunicatorError, SSHCommunicator
+from goldsmith.local.gallery import GalleryError, _check_version, _from_source, _key, _next_latest
+from goldsmith.settings import goldsmith_home
+from goldsmith.template.plan import Step
+
+BUILD_USER = "goldsmith"
+SSH_READY_TIMEOUT = 600
+EXPIRY_SLACK = timedelta(hours=2)  # after the build timeout, before the janitor may delete the staging group
+KEEP_FOR_DEBUGGING = timedelta(hours=24)  # errorHandling abort: how long the janitor leaves a kept VM alone
+MAX_UPDATE_ROUNDS = 10  # WindowsUpdate: search-install-restart rounds, as Packer's provisioner loops
+EGRESS_IP_URL = "https://api.ipify.org"
+VHD_SAS_SECONDS = 4 * 3600
+
+# What a build creates in its staging group.
+VNET, SUBNET, NSG, PIP, NIC, VM, OS_DISK, IMAGE = (
+    "goldsmith-vnet", "build", "goldsmith-nsg", "goldsmith-pip", "goldsmith-nic", "goldsmith-vm", "goldsmith-osdisk",
+    "goldsmith-image")
+T_VNET, T_NSG, T_PIP, T_NIC = (f"Microsoft.Network/{t}" for t in (
+    "virtualNetworks", "networkSecurityGroups", "publicIPAddresses", "networkInterfaces"))
+T_VM, T_DISK, T_IMAGE, T_STORAGE = ("Microsoft.Compute/virtualMachines", "Microsoft.Compute/disks",
+                                    "Microsoft.Compute/images", "Microsoft.Storage/storageAccounts")
+# Cleanup of a group goldsmith did not create: what depends on what goes first.
+DELETE_ORDER = ([(T_VM, VM)], [(T_NIC, NIC), (T_IMAGE, IMAGE), (T_DISK, OS_DISK)],
+                [(T_PIP, PIP), (T_NSG, NSG), (T_VNET, VNET)])
+
+TAG_CREATED_BY, TAG_DAG, TAG_RUN, TAG_TEMPLATE, TAG_EXPIRY, TAG_KEEP = (
+    "createdBy", "goldsmith.dagId", "goldsmith.runId", "goldsmith.template", "goldsmith.expiry", "goldsmith.keep")
+
+
+class AzureBackend:
+    def __init__(self, build: Build):
+        self.build = build
+        self.plan = build.plan
+        self.props = build.plan.template.properties
+        self.log = build.log
+        self.hook = AzureBuildHook(build.plan.options.azureConnectionId)
+        self.local = goldsmith_home() / "staging" / build.staging_name
+
+    # --- where things are ----------------------------------------------------------------------------------
+
+    @cached_property
+    def arm(self) -> arm.ArmClients:
+        try:
+            return self.hook.clients()
+        except AzureSettingsError as e:
+            raise BuildError(str(e)) from None
+
+    @property
+    def subscription(self) -> str:
+        return self.hook.settings.subscription_id
+
+    @cached_property
+    def location(self) -> str:
+        location = self.plan.template.location
+        if not location:
+            raise BuildError("location: the azure backend builds in the template's region; set \"location\" "
+                             "(e.g. \"westeurope\") at the top of the template")
+        return location.replace(" ", "").lower()
+
+    @cached_property
+    def group(self) -> ResourceId:
+        """The staging resource group."""
+        if self.props.stagingResourceGroup:
+            try:
+                given = ResourceId.parse(self.props.stagingResourceGroup, field="stagingResourceGroup")
+            except ValueError as e:
+                raise BuildError(str(e)) from None
+            if given.namespace or given.subscription.lower() != self.subscription.lower():
+                raise BuildError(
+                    f"stagingResourceGroup: '{self.props.stagingResourceGroup}' must be a resource group id in the "
+                    f"connection's subscription {self.subscription} (/subscriptions/<id>/resourceGroups/<name>)")
+            return given
+        return ResourceId(self.subscription, self.build.staging_name)
+
+    def _id(self, type_: str, *names: str) -> ResourceId:
+        return arm.resource_id(self.group.subscription, self.group.resource_group, type_, *names)
+
+    @property
+    def rg(self) -> str:
+        return self.group.resource_group
+
+    # --- errors and waiting --------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _arm_errors(self, what: str) -> Iterator[None]:
+        """ARM's refusals become BuildErrors naming the step; throttling, conflicts and server errors that
+        outlived azure-core's retries stay retryable (the task's retry continues from what exists)."""
+        try:
+            yield
+        except HttpResponseError as e:
+            if arm.is_transient(e):
+                raise RuntimeError(f"{what}: {arm.error_message(e)} (transient: the task retries)") from None
+            raise BuildError(f"{what}: {arm.error_message(e)}") from None
+        except (ServiceRequestError, ServiceResponseError) as e:
+            raise RuntimeError(f"{what}: ARM did not answer ({e}); the task retries") from None
+
+    def _pending(self, what: str, waits: list[Wait]) -> Pending:
+        self.log.info("waiting for %s", what)
+        return Pending(
+            trigger=ArmWaitTrigger(self.hook.conn_id, [w.to_json() for w in waits], self.hook.settings.poll_interval),
+            ids={"waiting_for": what, "waits": [w.to_json() for w in waits]},
+        )
+
+    def _wait_for(self, what: str, waits: list[Wait | None]) -> None:
+        """Raise Pending for the waits that are not over yet (None: that one is)."""
+        waits = [w for w in waits if w]
+        if waits:
+            raise self._pending(what, waits)
+
+    def _ensure(self, type_: str, name: str, label: str, body: Any) -> Wait | None:
+        """PUT a resource unless it exists; None once it is provisioned, else a Wait for it. A resource left
+        Failed by an earlier try is submitted again (a PUT retries a failed provisioning, as in ARM)."""
+        rid = self._id(type_, name)
+        resource = arm.get(self.arm, rid)
+        state = arm.provisioning_state(resource)
+        if state == "Succeeded":
+            return None
+        if resource is not None and state != "Failed":
+            self.log.info("%s is %s: waiting for it (an earlier try started it)", label, state)
+            return Wait("provisioned", str(rid), label)
+        if state == "Failed":
+            self.log.warning("%s is Failed after an earlier try: submitting it again", label)
+        operation = arm.submit(self._creator(type_), self.rg, name, body() if callable(body) else body)
+        return Wait("provisioned", str(rid), label, operation)
+
+    def _creator(self, type_: str) -> Any:
+        c = self.arm
+        return {
+            T_VNET: c.network.virtual_networks.begin_create_or_update,
+            T_NSG: c.network.network_security_groups.begin_create_or_update,
+            T_PIP: c.network.public_ip_addresses.begin_create_or_update,
+            T_NIC: c.network.network_interfaces.begin_create_or_update,
+            T_VM: c.compute.virtual_machines.begin_create_or_update,
+            T_IMAGE: c.compute.images.begin_create_or_update,
+            T_STORAGE: c.storage.storage_accounts.begin_create,
+        }[type_]
+
+    def _tags(self, **extra: str) -> dict[str, str]:
+        return {**(self.props.managedResourceTags or {}), TAG_CREATED_BY: "goldsmith", TAG_TEMPLATE: self.plan.name,
+                TAG_DAG: self.build.dag_id, TAG_RUN: self.build.run_id, **extra}
+
+    def _ours(self, tags: dict[str, str] | None) -> bool:
+        tags = tags or {}
+        return tags.get(TAG_DAG) == self.build.dag_id and tags.get(TAG_RUN) == self.build.run_id
+
+    # --- plan ----------------------------------------------------------------------------------------------
+
+    def resolve_source(self) -> dict[str, Any]:
+        source = self.props.source
+        with self._arm_errors("source"):
+            if source.type == "PlatformImage":
+                resolved = self._platform_image(source)
+            elif source.type == "ManagedImage":
+                resolved = self._managed_image(source.imageId)
+            else:
+                resolved = self._gallery_version(source.imageVersionId)
+        self._check_os(resolved["osType"])
+        return resolved
+
+    def _platform_image(self, s: Any) -> dict[str, Any]:
+        missing = [f for f in ("publisher", "offer", "sku") if not getattr(s, f)]
+        if missing:
+            raise BuildError(f"source: a PlatformImage needs {', '.join(missing)} (e.g. \"publisher\": "
+                             "\"Canonical\", \"offer\": \"ubuntu-24_04-lts\", \"sku\": \"server\")")
+        images = self.arm.compute.virtual_machine_images
+        version = s.version or "latest"
+        urn = f"{s.publisher}:{s.offer}:{s.sku}"
+        if version.lower() == "latest":
+            listed = [i.as_dict()["name"] for i in images.list(self.location, s.publisher, s.offer, s.sku)]
+            if not listed:
+                raise BuildError(f"source: no versions of {urn} in {self.location}; check publisher, offer and sku "
+                                 f"(az vm image list --location {self.location} --publisher {s.publisher} --all)")
+            version = max(listed, key=_version_key)
+        try:
+            image = images.get(self.location, s.publisher, s.offer, s.sku, version).as_dict()["properties"]
+        except ResourceNotFoundError:
+            raise BuildError(f"source: version '{version}' of {urn} is not in {self.location}; use 'latest' or an "
+                             "existing version") from None
+        plan = image.get("plan")
+        if plan and not s.planInfo:
+            raise BuildError(
+                f"source.planInfo: {urn} is a marketplace image with a purchase plan; add \"planInfo\": "
+                f"{{\"planName\": \"{plan.get('name')}\", \"planProduct\": \"{plan.get('product')}\", "
+                f"\"planPublisher\": \"{plan.get('publisher')}\"}} (and accept its terms: az vm image terms accept)")
+        return {"type": s.type, "id": f"{urn}:{version}", "exactVersion": version, "parents": [],
+                "osType": image.get("osDiskImage", {}).get("operatingSystem", "Linux"),
+                "hyperVGeneration": image.get("hyperVGeneration") or "V1",
+                "imageReference": {"publisher": s.publisher, "offer": s.offer, "sku": s.sku, "version": version}}
+
+    def _managed_image(self, image_id: str) -> dict[str, Any]:
+        rid = self._parse(image_id, "source.imageId", "Microsoft.Compute/images")
+        image = arm.get(self.hook.clients(rid.subscription), rid)
+        if image is None:
+            raise BuildError(f"source.imageId: managed image '{image_id}' does not exist")
+        if image["location"].replace(" ", "").lower() != self.location:
+            raise BuildError(f"source.imageId: the image is in {image['location']}, the build in {self.location}; "
+                             "AIB needs the source image in the template's region")
+        os_disk = image["properties"]["storageProfile"]["osDisk"]
+        if os_disk.get("osState") != "Generalized":
+            raise BuildError(f"source.imageId: '{image_id}' is not generalized; only generalized images are sources")
+        return {"type": "ManagedImage", "id": image["id"], "exactVersion": None, "parents": [image["id"]],
+                "osType": os_disk.get("osType", "Linux"),
+                "hyperVGeneration": image["properties"].get("hyperVGeneration") or "V1",
+                "imageReference": {"id": image["id"]}}
+
+    def _gallery_version(self, version_id: str) -> dict[str, Any]:
+        rid = self._parse(version_id, "source.imageVersionId", "Microsoft.Compute/galleries/images/versions")
+        clients = self.hook.clients(rid.subscription)
+        definition_id = ResourceId(rid.subscription, rid.resource_group, rid.namespace, rid.types[:2], rid.names[:2])
+        definition = arm.get(clients, definition_id)
+        if definition is None:
+            raise BuildError(f"source.imageVersionId: image definition '{definition_id}' does not exist")
+        if rid.name.lower() == "latest":
+            versions = [v.as_dict() for v in clients.compute.gallery_image_versions.list_by_gallery_image(
+                rid.resource_group, *rid.names[:2])]
+            usable = [v for v in versions if arm.provisioning_state(v) == "Succeeded"
+                      and not v["properties"].get("publishingProfile", {}).get("excludeFromLatest")
+                      and self._replicated_here(v)]
+            if not usable:
+                raise BuildError(f"source.imageVersionId: '{definition_id}' has no version usable as latest in "
+                                 f"{self.location} (succeeded, not excludeFromLatest, replicated there)")
+            version = max(usable, key=lambda v: _version_key(v["name"]))
+        else:
+            version = arm.get(clients, rid)
+            if version is None:
+                raise BuildError(f"source.imageVersionId: image version '{version_id}' does not exist")
+            if not self._replicated_here(version):
+                raise BuildError(f"source.imageVersionId: '{version_id}' is not replicated to {self.location}; "
+                                 "add the region to its targetRegions")
+        props = definition["properties"]
+        if props.get("osState", "Generalized") != "Generalized":
+            raise BuildError(f"source.imageVersionId: '{definition_id}' is specialized; only generalized images "
+                             "are sources")
+        return {"type": "SharedImageVersion", "id": version["id"], "exactVersion": version["name"],
+                "parents": [version["id"]], "osType": props.get("osType", "Linux"),
+                "hyperVGeneration": props.get("hyperVGeneration") or "V1", "imageReference": {"id": version["id"]}}
+
+    def _replicated_here(self, version: dict[str, Any]) -> bool:
+        regions = version["properties"].get("publishingProfile", {}).get("targetRegions") or []
+        return any(r["name"].replace(" ", "").lower() == self.location for r in regions) or not regions
+
+    def _parse(self, value: str, field: str, type_: str) -> ResourceId:
+        try:
+            rid = ResourceId.parse(value, field=field)
+        except ValueError as e:
+            raise BuildError(str(e)) from None
+        if rid.type.lower() != type_.lower():
+            raise BuildError(f"{field}: '{value}' is a {rid.type} id; expected a {type_} id")
+        return rid
+
+    def _check_os(self, os_type: str) -> None:
+        """Customizers must suit the source's OS: found at plan time, before any VM starts."""
+        linux_only, windows_only = ("Shell",), ("PowerShell", "WindowsRestart", "WindowsUpdate")
+        items = [(f"properties.customize[{i}]", c.type) for i, c in enumerate(self.props.customize)]
+        if self.props.validate_:
+            items += [(f"properties.validate.inVMValidations[{i}]", v.type)
+                      for i, v in enumerate(self.props.validate_.inVMValidations)]
+        wrong = windows_only if os_type == "Linux" else linux_only
+        problems = [f"{path}: '{kind}' does not run on a {os_type} source image" for path, kind in items if kind in wrong]
+        if problems:
+            raise BuildError("; ".join(problems) + (
+                "; use Shell customizers for Linux" if os_type == "Linux" else "; use PowerShell customizers for Windows"))
+
+    # --- staging -------------------------------------------------------------------------------------------
+
+    def prepare_staging(self) -> dict[str, Any]:
+        expiry = datetime.now(timezone.utc) + timedelta(minutes=self.plan.build_timeout_minutes) + EXPIRY_SLACK
+        run_tags = {TAG_DAG: self.build.dag_id, TAG_RUN: self.build.run_id, TAG_TEMPLATE: self.plan.name,
+                    TAG_EXPIRY: expiry.isoformat(timespec="seconds"), "imageTemplateName": self.plan.name}
+        groups = self.arm.resources.resource_groups
+        with self._arm_errors("prepare_staging"):
+            existing = arm.get(self.arm, self.group)
+            if existing is None:
+                tags = {**self._tags(), **run_tags}
+                rg_of_template = _destination_group(self.plan)
+                if rg_of_template:
+                    tags["imageTemplateResourceGroupName"] = rg_of_template
+                groups.create_or_update(self.rg, {"location": self.location, "tags": tags})
+                self.log.info("created staging resource group %s in %s", self.group, self.location)
+                created = True
+            elif self._ours(existing.get("tags")):
+                self.log.info("adopting staging resource group %s from an earlier try", self.group)
+                created = existing["tags"].get(TAG_CREATED_BY) == "goldsmith"
+            elif not self.props.stagingResourceGroup:
+                raise BuildError(f"staging resource group {self.group} exists and was not created by this run; "
+                                 "delete it or run the DAG again (a new run gets a new name)")
+            else:
+                self._adopt_given_group(existing)
+                groups.update(self.rg, {"tags": {**(existing.get("tags") or {}), "usedBy": "goldsmith",
+                                                 **(self.props.managedResourceTags or {}), **run_tags}})
+                self.log.info("using the empty resource group %s as staging (only what the build creates in it "
+                              "is deleted)", self.group)
+                created = False
+        self.local.mkdir(parents=True, exist_ok=True)
+        return {"stagingResourceGroup": str(self.group), "created": created}
+
+    def _adopt_given_group(self, existing: dict[str, Any]) -> None:
+        """AIB's rules for an existing stagingResourceGroup: same region, no other template, empty."""
+        if existing["location"].replace(" ", "").lower() != self.location:
+            raise BuildError(f"stagingResourceGroup: {self.group} is in {existing['location']}, the build in "
+                             f"{self.location}; use a group in the template's region")
+        tags = existing.get("tags") or {}
+        other = tags.get("imageTemplateName") or tags.get(TAG_TEMPLATE)
+        if other and other != self.plan.name:
+            raise BuildError(f"stagingResourceGroup: {self.group} is used by image template '{other}'; each template "
+                             "needs its own staging group")
+        inside = [r.as_dict()["id"] for r in self.arm.resources.resources.list_by_resource_group(self.rg)]
+        if inside:
+            raise BuildError(f"stagingResourceGroup: {self.group} must be empty, as AIB requires; it holds "
+                             f"{len(inside)} resource(s), e.g. {inside[0]}")
+
+    def _require_staging(self) -> None:
+        if arm.get(self.arm, self.group) is None:
+            raise BuildError(f"staging resource group {self.group} does not exist: prepare_staging must run first")
+
+    # --- the build VM --------------------------------------------------------------------------------------
+
+    def provision(self, source: dict[str, Any]) -> dict[str, Any]:
+        with self._arm_errors("provision"):
+            self._require_staging()
+            state = arm.provisioning_state(arm.get(self.arm, self._id(T_VM, VM)))
+            if state != "Succeeded":
+                if state in (None, "Failed"):  # the network is needed only to create the VM
+                    self._wait_for("network resources", self._network(source["osType"] == "Windows"))
+                    self._wait_for("network interface", [self._ensure(T_NIC, NIC, "network interface", self._nic_body)])
+                    self.log.info("creating build VM %s (%s) from %s", VM, self._vm_size(source), source["id"])
+                self._wait_for("build VM", [self._ensure(T_VM, VM, "build VM", lambda: self._vm_body(source))])
+            address = self._address()
+        if source["osType"] == "Linux":
+            started = time.monotonic()
+            with self._connect(address):
+                pass
+            self.log.info("build VM ready: ssh %s@%s after %.0f s", BUILD_USER, address, time.monotonic() - started)
+        return {"vm": str(self._id(T_VM, VM)), "address": address, "osType": source["osType"]}
+
+    def _network(self, windows_vm: bool) -> list[Wait | None]:
+        if self._subnet_id:
+            return []
+        return [
+            self._ensure(T_VNET, VNET, "virtual network", {
+                "location": self.location, "tags": self._tags(),
+                "properties": {"addressSpace": {"addressPrefixes": ["10.0.0.0/24"]},
+                               "subnets": [{"name": SUBNET, "properties": {"addressPrefix": "10.0.0.0/24"}}]}}),
+            self._ensure(T_NSG, NSG, "network security group", lambda: self._nsg_body(windows_vm)),
+            self._ensure(T_PIP, PIP, "public IP address", {
+                "location": self.location, "tags": self._tags(), "sku": {"name": "Standard"},
+                "properties": {"publicIPAllocationMethod": "Static", "publicIPAddressVersion": "IPv4"}}),
+        ]
+
+    @property
+    def _subnet_id(self) -> str | None:
+        profile = self.props.vmProfile
+        return profile.vnetConfig.subnetId if profile and profile.vnetConfig else None
+
+    def _nsg_body(self, windows_vm: bool) -> dict[str, Any]:
+        # Windows builds are driven through Run Command: nothing needs to reach them.
+        rules = [] if windows_vm else [{"name": "goldsmith-ssh", "properties": {
+            "priority": 1000, "direction": "Inbound", "access": "Allow", "protocol": "Tcp",
+            "sourceAddressPrefix": self._ssh_source(), "sourcePortRange": "*",
+            "destinationAddressPrefix": "*", "destinationPortRange": "22"}}]
+        return {"location": self.location, "tags": self._tags(), "properties": {"securityRules": rules}}
+
+    def _ssh_source(self) -> str:
+        configured = self.hook.settings.ssh_source
+        if configured != "auto":
+            return configured
+        try:
+            with urllib.request.urlopen(EGRESS_IP_URL, timeout=10) as response:  # noqa: S310 - fixed https URL
+                address = response.read().decode().strip()
+        except OSError as e:
+            raise BuildError(
+                f"provision: could not learn this worker's egress address from {EGRESS_IP_URL} ({e}); set extra "
+                f"'goldsmith_ssh_source' of connection '{self.hook.conn_id}' to the CIDR the build VM sees SSH "
+                "coming from (e.g. 203.0.113.7/32)") from None
+        return f"{address}/32"
+
+    def _nic_body(self) -> dict[str, Any]:
+        ip = {"privateIPAllocationMethod": "Dynamic",
+              "subnet": {"id": self._subnet_id or f"{self._id(T_VNET, VNET)}/subnets/{SUBNET}"}}
+        body: dict[str, Any] = {"location": self.location, "tags": self._tags(),
+                                "properties": {"ipConfigurations": [{"name": "ipconfig", "properties": ip}]}}
+        if not self._subnet_id:  # with an existing subnet: no public IP and the subnet's own rules, as AIB does
+            ip["publicIPAddress"] = {"id": str(self._id(T_PIP, PIP))}
+            body["properties"]["networkSecurityGroup"] = {"id": str(self._id(T_NSG, NSG))}
+        return body
+
+    def _vm_size(self, source: dict[str, Any]) -> str:
+        profile = self.props.vmProfile
+        if profile and profile.vmSize:
+            return profile.vmSize
+        return "Standard_D2ds_v4" if source.get("hyperVGeneration") == "V2" else "Standard_D1_v2"
+
+    def _vm_body(self, source: dict[str, Any]) -> dict[str, Any]:
+        profile = self.props.vmProfile
+        os_disk: dict[str, Any] = {"name": OS_DISK, "createOption": "FromImage", "deleteOption": "Delete",
+                                   "managedDisk": {"storageAccountType": "Standard_LRS"}}
+        if profile and profile.osDiskSizeGB:
+            os_disk["diskSizeGB"] = profile.osDiskSizeGB
+        computer = f"gs{self.build.guid.replace('-', '')[:13]}"  # Windows: at most 15 characters
+        if source["osType"] == "Windows":
+            # Run Command needs no login: the password is only there because Azure requires one.
+            os_profile = {"computerName": computer, "adminUsername": BUILD_USER,
+                          "adminPassword": secrets.token_urlsafe(24) + "Aa1!",
+                          "windowsConfiguration": {"provisionVMAgent": True, "enableAutomaticUpdates": False}}
+        else:
+            os_profile = {"computerName": computer, "adminUsername": BUILD_USER, "linuxConfiguration": {
+                "disablePasswordAuthentication": True, "ssh": {"publicKeys": [
+                    {"path": f"/home/{BUILD_USER}/.ssh/authorized_keys", "keyData": self._ensure_key()}]}}}
+        body: dict[str, Any] = {
+            "location": self.location, "tags": self._tags(),
+            "properties": {
+                "hardwareProfile": {"vmSize": self._vm_size(source)},
+                "storageProfile": {"imageReference": source["imageReference"], "osDisk": os_disk, "dataDisks": [
+                    {"lun": i, "createOption": "Empty", "diskSizeGB": d.sizeGB, "deleteOption": "Delete"}
+                    for i, d in enumerate(self.props.additionalDataDisks or []) if d.sizeGB]},
+                "osProfile": os_profile,
+                "networkProfile": {"networkInterfaces": [{"id": str(self._id(T_NIC, NIC)),
+                                                          "properties": {"primary": True, "deleteOption": "Delete"}}]},
+            },
+        }
+        if profile and profile.userAssignedIdentities:
+            body["identity"] = {"type": "UserAssigned",
+                                "userAssignedIdentities": {i: {} for i in profile.userAssignedIdentities}}
+        plan = getattr(self.props.source, "planInfo", None)
+        if plan:
+            body["plan"] = {"name": plan.planName, "product": plan.planProduct, "publisher": plan.planPublisher}
+        return body
+
+    def _address(self) -> str:
+        """Where the worker reaches the VM: its public IP, or its private IP in the template's subnet."""
+        if not self._subnet_id:
+            pip = arm.get(self.arm, self._id(T_PIP, PIP)) or {}
+            address = pip.get("properties", {}).get("ipAddress")
+        else:
+            nic = arm.get(self.arm, self._id(T_NIC, NIC)) or {}
+            configs = nic.get("properties", {}).get("ipConfigurations") or [{}]
+            address = configs[0].get("properties", {}).get("privateIPAddress")
+        if not address:
+            raise RuntimeError("the build VM has no IP address yet")
+        return address
+
+    @cached_property
+    def _vm(self) -> dict[str, Any]:
+        vm = arm.get(self.arm, self._id(T_VM, VM))
+        if vm is None:
+            raise BuildError(f"no build VM in {self.group}: provision must run first")
+        return vm
+
+    @property
+    def _windows(self) -> bool:
+        return "windowsConfiguration" in self._vm["properties"].get("osProfile", {})
+
+    # --- SSH (Linux) ---------------------------------------------------------------------------------------
+
+    def _ensure_key(self) -> str:
+        """The public half of an ed25519 key made for this build only."""
+        key = self.local / "id_ed25519"
+        if not key.exists():
+            self.local.mkdir(parents=True, exist_ok=True)
+            private = Ed25519PrivateKey.generate()
+            tmp = key.with_suffix(".tmp")
+            tmp.write_bytes(private.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+            tmp.chmod(0o600)
+            key.with_suffix(".pub").write_bytes(private.public_key().public_bytes(
+                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b" goldsmith-build\n")
+            tmp.rename(key)
+        return key.with_suffix(".pub").read_text().strip()
+
+    def _connect(self, address: str | None = None) -> SSHCommunicator:
+        key = self.local / "id_ed25519"
+        if not key.exists():
+            self._install_new_key()
+        comm = SSHCommunicator(address or self._address(), 22, BUILD_USER, key)
+        try:
+            comm.wait_until_ready(SSH_READY_TIMEOUT)
+        except CommunicatorError as e:
+            comm.close()
+            raise RuntimeError(f"build VM did not answer on SSH: {e}; boot diagnostics: az vm boot-diagnostics "
+                               f"get-boot-log -g {self.rg} -n {VM}") from e
+        return comm
+
+    def _install_new_key(self) -> None:
+        """This worker lacks the key another worker made: make one and add it to the VM through Run Command."""
+        self.log.warning("no SSH key for this build in %s (another worker made it): installing a new one", self.local)
+        public = self._ensure_key()
+        script = (f"install -d -m 700 -o {BUILD_USER} -g {BUILD_USER} /home/{BUILD_USER}/.ssh && "
+                  f"echo '{public}' >> /home/{BUILD_USER}/.ssh/authorized_keys")
+        self.arm.compute.virtual_machines.begin_run_command(
+            self.rg, VM, {"commandId": "RunShellScript", "script": [script]}).result()
+
+    def _on_line(self, line: str) -> None:
+        self.log.info("%s", line)
+
+    def _boot_id(self, comm: SSHCommunicator) -> str:
+        result = comm.run("cat /proc/sys/kernel/random/boot_id")
+        return "\n".join(result.tail).strip()
+
+    def _wait_out_reboot(self, boot_id: str) -> None:
+        """The script dropped the connection: wait until the VM answers with a new boot id (or, if it did not
+        reboot after all, with the old one after a grace period)."""
+        self.log.info("the customizer dropped the connection (a reboot): waiting for the VM to come back")
+        deadline = time.monotonic() + SSH_READY_TIMEOUT
+        while time.monotonic() < deadline:
+            time.sleep(10)
+            with self._connect() as comm:
+                if self._boot_id(comm) != boot_id or time.monotonic() > deadline - SSH_READY_TIMEOUT + 120:
+                    return
+
+    # --- customize and validate ----------------------------------------------------------------------------
+
+    def customize(self, step: Step) -> dict[str, Any]:
+        c = step.item
+        with self._arm_errors(step.task_id):
+            if self._windows:
+                return self._windows_step(step, validator=False)
+        try:
+            with self._connect() as comm:
+                if c.type == "Shell":
+                    boot_id = self._boot_id(comm)
+                    outcome = customizers.run_shell(
+                        comm, inline=c.inline, script_uri=c.scriptUri, sha256=c.sha256Checksum or None,
+                        on_line=self._on_line, name=step.name)
+                    if outcome.rebooted:
+                        self._wait_out_reboot(boot_id)
+                else:
+                    customizers.run_file(comm, source_uri=c.sourceUri, destination=c.destination,
+                                         sha256=c.sha256Checksum or None, name=step.name)
+        except customizers.CustomizerError as e:
+            raise BuildError(f"{step.task_id}: {e}") from None
+        return {"step": step.task_id}
+
+    def validate(self, step: Step) -> dict[str, Any]:
+        v = step.item
+        with self._arm_errors(step.task_id):
+            if self._windows:
+                return self._windows_step(step, validator=True)
+        try:
+            with self._connect() as comm:
+                if v.type == "Shell":
+                    customizers.run_validator_shell(
+                        comm, inline=v.inline, script_uri=v.scriptUri, sha256=v.sha256Checksum or None,
+                        on_line=self._on_line, name=step.name)
+                else:
+                    customizers.run_validator_file(comm, source_uri=v.sourceUri, destination=v.destination,
+                                                   sha256=v.sha256Checksum or None, name=step.name)
+        except customizers.CustomizerError as e:
+            raise BuildError(f"{step.task_id}: validation failed: {e}") from None
+        return {"step": step.task_id, "passed": True}
+
+    # --- Windows, through Run Command ----------------------------------------------------------------------
+
+    def _windows_step(self, step: Step, *, validator: bool) -> dict[str, Any]:
+        """Each script of a step is a Run Command keyed `<task id>/<part>` in the journal: a step called again
+        (after a wait, or on a retry) skips the parts that ran. The step's keys are dropped when it ends, so
+        a retry after a failure runs it again."""
+        c, key = step.item, step.task_id
+        try:
+            if c.type == "PowerShell":
+                self._powershell(key, c, step.name)
+            elif c.type == "File":
+                self._windows_file(key, c)
+            elif c.type == "WindowsRestart":
+                self._restart(key, c.restartCommand, c.restartCheckCommand, windows.timeout_seconds(c.restartTimeout))
+            else:
+                self._windows_update(key, c)
+        except (BuildError, customizers.CustomizerError) as e:
+            self._forget(key)
+            raise BuildError(f"{step.task_id}: {'validation failed: ' if validator else ''}{e}") from None
+        self._forget(key)
+        return {"step": step.task_id, **({"passed": True} if validator else {})}
+
+    def _powershell(self, key: str, c: Any, name: str) -> None:
+        if not c.runElevated:
+            self.log.info("Run Command runs scripts as LocalSystem: PowerShell %r runs elevated", name)
+        script = "\n".join(c.inline) if c.inline is not None else customizers.fetch(
+            c.scriptUri, c.sha256Checksum or None).decode("utf-8-sig")
+        result = self._run_command(f"{key}/script", script)
+        if result["exitCode"] not in c.validExitCodes:
+            raise BuildError(f"PowerShell {name!r} exited with {result['exitCode']} (validExitCodes "
+                             f"{c.validExitCodes}); last output:\n{_tail(result)}")
+
+    def _windows_file(self, key: str, c: Any) -> None:
+        data = customizers.fetch(c.sourceUri, c.sha256Checksum or None)
+        size = windows.FILE_CHUNK_BYTES
+        chunks = [data[i:i + size] for i in range(0, len(data), size)] or [b""]
+        digest = hashlib.sha256(data).hexdigest()
+        for i, chunk in enumerate(chunks):
+            script = windows.file_chunk(c.destination, chunk, first=i == 0,
+                                        sha256=digest if i == len(chunks) - 1 else None)
+            result = self._run_command(f"{key}/chunk{i}", script)
+            if result["exitCode"] != 0:
+                raise BuildError(f"File: writing {c.destination} failed; its directory must exist:\n{_tail(result)}")
+
+    def _restart(self, key: str, command: str, check: str, timeout: int) -> None:
+        before = self._run_command(f"{key}/restart", windows.restart(command))
+        boot = next((line[len(windows.BOOT_MARKER):] for line in before["stdout"].splitlines()
+                     if line.startswith(windows.BOOT_MARKER)), None)
+        if boot is None:
+            raise BuildError(f"the restart script did not report the boot time:\n{_tail(before)}")
+        after = self._run_command(f"{key}/check", windows.restart_check(boot, check, timeout))
+        if after["exitCode"] != 0:
+            raise BuildError(f"the VM did not come back from the restart:\n{_tail(after)}")
+
+    def _windows_update(self, key: str, c: Any) -> None:
+        script = windows.windows_update(c.searchCriteria, c.filters, c.updateLimit)
+        for round_ in range(MAX_UPDATE_ROUNDS):
+            result = self._run_command(f"{key}/update{round_}", script)
+            if result["exitCode"] != 0:
+                raise BuildError(f"Windows Update failed:\n{_tail(result)}")
+            if windows.REBOOT_MARKER not in result["stdout"]:
+                return
+            self._restart(f"{key}/update{round_}", windows.UPDATE_RESTART_COMMAND, "", windows.UPDATE_RESTART_SECONDS)
+        raise BuildError(f"updates still wanted a restart after {MAX_UPDATE_ROUNDS} rounds")
+
+    def _run_command(self, key: str, script: str) -> dict[str, Any]:
+        """Runs a PowerShell script through Run Command once per journal key and returns {"stdout", "stderr",
+        "exitCode"}; raises Pending while it runs."""
+        entry = self._journal().get(key)
+        vm = str(self._id(T_VM, VM))
+        if entry is None:
+            operation = arm.submit(self.arm.compute.virtual_machines.begin_run_command, self.rg, VM, {
+                "commandId": "RunPowerShellScript", "script": windows.with_exit_code(key, script).splitlines()})
+            if operation is None:
+                raise RuntimeError(f"Run Command {key}: ARM answered without an operation to follow")
+            self._note(key, {"operation": operation})
+            raise self._pending(f"Run Command {key}", [Wait("operation", vm, f"Run Command {key}", operation)])
+        if "result" in entry:
+            return entry["result"]
+        status = self._operation(entry["operation"])
+        if status.get("status") not in ("Succeeded", "Failed", "Canceled"):
+            raise self._pending(f"Run Command {key} (started earlier)",
+                                [Wait("operation", vm, f"Run Command {key}", entry["operation"])])
+        if status["status"] != "Succeeded":
+            self._forget(key)  # the task's retry submits it again
+            error = status.get("error") or {}
+            raise RuntimeError(f"Run Command {key} {status['status']}: {error.get('code')}: {error.get('message')}")
+        result = windows.run_command_result((status.get("properties") or {}).get("output") or {})
+        for line in (result["stdout"] + "\n" + result["stderr"]).strip().splitlines():
+            self.log.info("%s", line)
+        self._note(key, {**entry, "result": result})
+        return result
+
+    def _operation(self, url: str) -> dict[str, Any]:
+        response = self.arm.resources.send_request(HttpRequest("GET", url))
+        response.raise_for_status()
+        return response.json() if response.status_code != 202 else {"status": "InProgress"}
+
+    def _journal(self) -> dict[str, Any]:
+        path = self.local / "journal.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def _note(self, key: str, value: Any) -> None:
+        journal = self._journal()
+        journal[key] = value
+        self._write_journal(journal)
+
+    def _forget(self, prefix: str) -> None:
+        journal = self._journal()
+        self._write_journal({k: v for k, v in journal.items() if k != prefix and not k.startswith(prefix + "/")})
+
+    def _write_journal(self, journal: dict[str, Any]) -> None:
+        self.local.mkdir(parents=True, exist_ok=True)
+        tmp = self.local / "journal.json.tmp"
+        tmp.write_text(json.dumps(journal, indent=1))
+        os.replace(tmp, self.local / "journal.json")
+
+    # --- generalize and capture ----------------------------------------------------------------------------
+
+    def generalize(self) -> dict[str, Any]:
+        with self._arm_errors("generalize"):
+            power, generalized = self._vm_states()
+            if generalized:
+                self.log.info("already generalized by an earlier try")
+                return {"generalized": True}
+            if power in ("running", "starting") and not self._journal().get("generalize/done"):
+                if self._windows:
+                    result = self._run_command("generalize/sysprep", windows.SYSPREP)
+                    if result["exitCode"] != 0:
+                        self._forget("generalize")
+                        raise BuildError(f"generalize: sysprep failed:\n{_tail(result)}")
+                else:
+                    self._deprovision_linux()
+                self._note("generalize/done", True)
+            if power != "deallocated":
+                operation = None if power == "deallocating" else arm.submit(
+                    self.arm.compute.virtual_machines.begin_deallocate, self.rg, VM)
+                raise self._pending("deallocation of the build VM", [
+                    Wait("power", str(self._id(T_VM, VM)), "build VM", operation, state="deallocated")])
+            self.arm.compute.virtual_machines.generalize(self.rg, VM)
+        self.log.info("VM deprovisioned, deallocated and generalized")
+        return {"generalized": True}
+
+    def _vm_states(self) -> tuple[str, bool]:
+        view = self.arm.compute.virtual_machines.instance_view(self.rg, VM).as_dict()
+        codes = [s.get("code", "") for s in view.get("statuses") or []]
+        power = next((c.split("/", 1)[1] for c in codes if c.startswith("PowerState/")), "unknown")
+        return power, "OSState/generalized" in codes
+
+    def _deprovision_linux(self) -> None:
+        try:
+            with self._connect() as comm:
+                customizers.deprovision(comm, on_line=self._on_line)
+        except customizers.CustomizerError as e:
+            raise BuildError(f"generalize: {e}") from None
+
+    def capture(self) -> dict[str, Any]:
+        with self._arm_errors("capture"):
+            disk = arm.get(self.arm, self._id(T_DISK, OS_DISK)) or {}
+            generation = disk.get("properties", {}).get("hyperVGeneration") or "V1"
+            self._wait_for("image capture", [self._ensure(T_IMAGE, IMAGE, "captured image", {
+                "location": self.location, "tags": self._tags(),
+                "properties": {"sourceVirtualMachine": {"id": str(self._id(T_VM, VM))},
+                               "hyperVGeneration": generation}})])
+        return {"image": str(self._id(T_IMAGE, IMAGE))}
+
+    # --- distribute ----------------------------------------------------------------------------------------
+
+    def distribute(self, step: Step, source: dict[str, Any]) -> dict[str, Any]:
+        d = step.item
+        with self._arm_errors(step.task_id):
+            if d.type == "ManagedImage":
+                outcome = self._distribute_managed_image(d, source)
+            elif d.type == "SharedImage":
+                outcome = self._distribute_gallery(d, source)
+            else:
+                outcome = self._distribute_vhd(d)
+        artifact_id, artifact_uri = outcome
+        runoutputs.record(self.plan.name, self.build.run_id, d.runOutputName, artifactId=artifact_id,
+                          artifactUri=artifact_uri, provisioningState="Succeeded",
+                          extra={"digest": self.plan.digest,
+                                 "source": {k: source.get(k) for k in ("type", "id", "exactVersion")}})
+        self.log.info("%s: %s", step.task_id, artifact_id or artifact_uri)
+        return {"runOutputName": d.runOutputName, "artifactId": artifact_id, "artifactUri": artifact_uri}
+
+    def _artifact_tags(self, d: Any, source: dict[str, Any]) -> dict[str, str]:
+        """artifactTags plus provenance, so the artifact says where it came from."""
+        return {**d.artifactTags, TAG_TEMPLATE: self.plan.name, "goldsmith.templateDigest": self.plan.digest,
+                TAG_DAG: self.build.dag_id, TAG_RUN: self.build.run_id, "goldsmith.source": source.get("id") or "",
+                "goldsmith.sourceVersion": source.get("exactVersion") or ""}
+
+    def _distribute_managed_image(self, d: Any, source: dict[str, Any]) -> tuple[str, None]:
+        rid = self._parse(d.imageId, f"distribute.{d.runOutputName}.imageId", "Microsoft.Compute/images")
+        location = d.location.replace(" ", "").lower()
+        if location != self.location:
+            raise BuildError(f"distribute.{d.runOutputName}.location: {d.location} differs from the build region "
+                             f"{self.location}; Azure creates a managed image only in its source's region (use a "
+                             "SharedImage target to publish to other regions)")
+        clients = self.hook.clients(rid.subscription)
+        if arm.get(clients, ResourceId(rid.subscription, rid.resource_group)) is None:
+            raise BuildError(f"distribute.{d.runOutputName}.imageId: resource group {rid.resource_group} does not "
+                             "exist; create it first, as AIB requires")
+        image = arm.get(clients, rid)
+        if image is not None and not self._ours(image.get("tags")):
+            raise BuildError(f"distribute.{d.runOutputName}.imageId: managed image '{d.imageId}' already exists; "
+                             "like AIB, Goldsmith doesn't overwrite managed images: delete it or choose a new imageId")
+        state = arm.provisioning_state(image)
+        if state == "Succeeded":
+            return image["id"], None
+        if image is not None and state != "Failed":
+            raise self._pending(f"managed image {rid.name}", [Wait("provisioned", str(rid), f"image {rid.name}")])
+        disk = arm.get(self.arm, self._id(T_DISK, OS_DISK)) or {}
+        operation = arm.submit(clients.compute.images.begin_create_or_update, rid.resource_group, rid.name, {
+            "location": location, "tags": self._artifact_tags(d, source),
+            "properties": {"sourceVirtualMachine": {"id": str(self._id(T_VM, VM))},
+                           "hyperVGeneration": disk.get("properties", {}).get("hyperVGeneration") or "V1"}})
+        raise self._pending(f"managed image {rid.name}", [Wait("provisioned", str(rid), f"image {rid.name}", operation)])
+
+    def _distribute_gallery(self, d: Any, source: dict[str, Any]) -> tuple[str, None]:
+        field = f"distribute.{d.runOutputName}.galleryImageId"
+        try:
+            rid = ResourceId.parse(d.galleryImageId, field=field)
+        except ValueError as e:
+            raise BuildError(str(e)) from None
+        if rid.type.lower() not in ("microsoft.compute/galleries/images", "microsoft.compute/galleries/images/versions"):
+            raise BuildError(f"{field}: '{d.galleryImageId}' is a {rid.type} id; expected an image definition id "
+                             "(.../galleries/<g>/images/<definition>) or a version id (.../versions/x.y.z)")
+        clients = self.hook.clients(rid.subscription)
+        definition = ResourceId(rid.subscription, rid.resource_group, rid.namespace, rid.types[:2], rid.names[:2])
+        found = arm.get(clients, definition)
+        if found is None:
+            raise BuildError(f"{field}: image definition '{definition}' does not exist; create it first "
+                             "(az sig image-definition create ...)")
+        self._check_definition(field, found["properties"], source)
+        versions = [v.as_dict() for v in clients.compute.gallery_image_versions.list_by_gallery_image(
+            rid.resource_group, *rid.names[:2])]
+        mine = next((v for v in versions if self._ours(v.get("tags"))), None)
+        if mine is not None:
+            state = arm.provisioning_state(mine)
+            if state == "Succeeded":
+                return mine["id"], None
+            if state != "Failed":
+                raise self._pending(f"image version {mine['name']}",
+                                     [Wait("provisioned", mine["id"], f"image version {mine['name']}")])
+            self.log.warning("image version %s is Failed after an earlier try: publishing it again", mine["name"])
+            number = mine["name"]
+        else:
+            number = self._version_number(d, rid, [v["name"] for v in versions], source)
+        regions = [{"name": r.name, "regionalReplicaCount": r.replicaCount, "storageAccountType": r.storageAccountType}
+                   for r in d.targetRegions or []] or [
+            {"name": r, "regionalReplicaCount": 1, "storageAccountType": d.storageAccountType or "Standard_LRS"}
+            for r in d.replicationRegions or []] or [
+            {"name": found["location"], "regionalReplicaCount": 1, "storageAccountType": "Standard_LRS"}]
+        publishing: dict[str, Any] = {"targetRegions": regions, "excludeFromLatest": d.excludeFromLatest}
+        if d.replicationMode:
+            publishing["replicationMode"] = d.replicationMode
+        version_id = definition.child("versions", number)
+        self.log.info("publishing %s to %s", version_id, ", ".join(r["name"] for r in regions))
+        operation = arm.submit(clients.compute.gallery_image_versions.begin_create_or_update, rid.resource_group,
+                               *rid.names[:2], number, {
+                                   "location": found["location"], "tags": self._artifact_tags(d, source),
+                                   "properties": {"publishingProfile": publishing, "storageProfile": {
+                                       "source": {"id": str(self._id(T_IMAGE, IMAGE))}}}})
+        raise self._pending(f"image version {number} (replication per region)",
+                             [Wait("provisioned", str(version_id), f"image version {number}", operation)])
+
+    def _check_definition(self, field: str, definition: dict[str, Any], source: dict[str, Any]) -> None:
+        if definition.get("osType") and definition["osType"] != source["osType"]:
+            raise BuildError(f"{field}: the image definition is for {definition['osType']}, the image is "
+                             f"{source['osType']}")
+        generation = definition.get("hyperVGeneration") or "V1"
+        if generation != (source.get("hyperVGeneration") or "V1"):
+            raise BuildError(f"{field}: the image definition is Hyper-V generation {generation}, the source image "
+                             f"{source.get('hyperVGeneration')}; use a definition of the source's generation")
+
+    def _version_number(self, d: Any, rid: ResourceId, taken: list[str], source: dict[str, Any]) -> str:
+        """AIB's numbering: the run's explicit version, a `.../versions/x.y.z` id, the versioning scheme."""
+        explicit = self.build.params.get("galleryImageVersion")
+        try:
+            if explicit:
+                number, origin = _check_version(explicit, "galleryImageVersion"), "explicit version"
+            elif len(rid.names) == 3:
+                number, origin = _check_version(rid.name, "the version in galleryImageId"), "galleryImageId"
+            elif d.versioning is not None and d.versioning.scheme == "Source":
+                number, origin = _from_source(source.get("exactVersion")), "versioning Source"
+            else:
+                major = d.versioning.major if d.versioning is not None else -1
+                valid = [v for v in taken if re.fullmatch(r"\d+\.\d+\.\d+", v)]
+                return _next_latest(valid, major)
+        except GalleryError as e:
+            raise BuildError(f"distribute.{d.runOutputName}: {e}") from None
+        if number in taken:
+            raise BuildError(f"distribute.{d.runOutputName}: image version {number} already exists ({origin}); AIB "
+                             "never overwrites a version: publish a new number or delete that version first")
+        return number
+
+    def _distribute_vhd(self, d: Any) -> tuple[None, str]:
+        blob, account_id = self._vhd_target(d)
+        url = blob.url.split("?")[0]
+        try:
+            props = blob.get_blob_properties()
+        except ResourceNotFoundError:
+            props = None
+        if props is not None and props.metadata.get("goldsmithrun") != self._blob_run_mark:
+            raise BuildError(f"distribute.{d.runOutputName}.uri: {url} already exists; Goldsmith doesn't overwrite "
+                             "it: delete it or choose another uri")
+        copy_status = props.copy.status if props is not None else None
+        if copy_status in (None, "failed", "aborted"):
+            sas = self.arm.compute.disks.begin_grant_access(self.rg, OS_DISK, {
+                "access": "Read", "durationInSeconds": VHD_SAS_SECONDS}).result().as_dict()["accessSAS"]
+            blob.start_copy_from_url(sas, metadata={"goldsmithrun": self._blob_run_mark})
+            self.log.info("copying the OS disk to %s (server side)", url)
+        elif copy_status == "success":
+            self.arm.compute.disks.begin_revoke_access(self.rg, OS_DISK).result()
+            return None, url
+        raise self._pending(f"VHD copy to {url}", [Wait("blob_copy", blob.url, f"VHD {d.runOutputName}",
+                                                         state=account_id)])
+
+    @property
+    def _blob_run_mark(self) -> str:
+        return hashlib.sha256(self.build.run_key.encode()).hexdigest()[:32]
+
+    def _vhd_target(self, d: Any) -> tuple[BlobClient, str | None]:
+        """The blob a VHD goes to, and the storage account id whose key writes it (None: the uri's SAS or the
+        build identity). `uri` is a blob (…/name.vhd) or a container; empty: a storage account in the staging
+        group, which cleanup then keeps."""
+        name = f"{self.plan.name}-{d.runOutputName}-{self.build.guid[:8]}.vhd"
+        options = self.hook.blob_options()
+        if d.uri:
+            if not d.uri.startswith("https://"):
+                raise BuildError(f"distribute.{d.runOutputName}.uri: '{d.uri}' must be an https:// blob or "
+                                 "container URL (for a local file, use the local backend)")
+            base, _, query = d.uri.partition("?")
+            url = base if base.lower().endswith(".vhd") else f"{base.rstrip('/')}/{name}"
+            url += f"?{query}" if query else ""
+            credential = None if query else self.hook.credential
+            return BlobClient.from_blob_url(url, credential=credential, **options), None
+        account = self._storage_account
+        self._wait_for("staging storage account", [self._ensure(T_STORAGE, account, "staging storage account", {
+            "location": self.location, "tags": self._tags(**{TAG_KEEP: "vhd"}), "kind": "StorageV2",
+            "sku": {"name": "Standard_LRS"},
+            "properties": {"allowBlobPublicAccess": False, "minimumTlsVersion": "TLS1_2"}})])
+        endpoint = arm.get(self.arm, self._id(T_STORAGE, account))["properties"]["primaryEndpoints"]["blob"]
+        key = self.arm.storage.storage_accounts.list_keys(self.rg, account).as_dict()["keys"][0]["value"]
+        service = BlobServiceClient(endpoint, credential={"account_name": account, "account_key": key}, **options)
+        container = service.get_container_client("vhds")
+        with contextlib.suppress(HttpResponseError):  # exists already: a retry
+            container.create_container()
+        return container.get_blob_client(name), str(self._id(T_STORAGE, account))
+
+    # --- cleanup -------------------------------------------------------------------------------------------
+
+    def cleanup(self, *, keep_vm: bool) -> dict[str, Any]:
+        with self._arm_errors("cleanup_staging"):
+            group = arm.get(self.arm, self.group)
+            if group is None:
+                self.log.info("staging resource group %s is gone", self.group)
+                self._remove_local()
+                return {"removed": True}
+            tags = group.get("tags") or {}
+            created = tags.get(TAG_CREATED_BY) == "goldsmith"
+            if created and not self._ours(tags):
+                raise BuildError(f"{self.group} is another run's staging group: leaving it alone")
+            if keep_vm:
+                return self._keep_for_debugging(tags)
+            kept = self._kept_storage()
+            if created and not kept:
+                operation = None
+                if arm.provisioning_state(group) != "Deleting":
+                    self.log.info("deleting staging resource group %s", self.group)
+                    operation = arm.delete(self.arm, self.group)
+                raise self._pending("deletion of the staging resource group",
+                                    [Wait("deleted", str(self.group), "staging resource group", operation)])
+            for phase in DELETE_ORDER:  # a group goldsmith did not create, or one that keeps a VHD
+                self._wait_for("deletion of the build resources", [self._delete_ours(*item) for item in phase])
+            if kept:
+                self.arm.resources.resource_groups.update(self.rg, {"tags": {
+                    k: v for k, v in tags.items() if k != TAG_EXPIRY}})
+                self.log.warning("the staging group %s keeps storage account %s with the VHD (the VHD target has "
+                                 "no uri); delete the group when you no longer need it", self.group, kept)
+            elif self._ours(tags):
+                self.arm.resources.resource_groups.update(self.rg, {"tags": {
+                    k: v for k, v in tags.items() if not k.startswith("goldsmith.")}})
+        self._remove_local()
+        return {"removed": True, **({"kept": kept} if kept else {})}
+
+    def _delete_ours(self, type_: str, name: str) -> Wait | None:
+        rid = self._id(type_, name)
+        resource = arm.get(self.arm, rid)
+        if resource is None:
+            return None
+        if not self._ours(resource.get("tags")):
+            self.log.warning("%s was not created by this run: leaving it alone", rid)
+            return None
+        operation = None if arm.provisioning_state(resource) == "Deleting" else arm.delete(self.arm, rid)
+        return Wait("deleted", str(rid), f"{type_.split('/')[-1]} {name}", operation)
+
+    @property
+    def _storage_account(self) -> str:
+        """The staging storage account (VHD targets without uri): 3-24 lowercase letters and digits."""
+        return f"gs{hashlib.sha256(self.build.guid.encode()).hexdigest()[:20]}"
+
+    def _kept_storage(self) -> str | None:
+        account = self._storage_account
+        return account if arm.get(self.arm, self._id(T_STORAGE, account)) is not None else None
+
+    def _keep_for_debugging(self, tags: dict[str, str]) -> dict[str, Any]:
+        until = (datetime.now(timezone.utc) + KEEP_FOR_DEBUGGING).isoformat(timespec="seconds")
+        self.arm.resources.resource_groups.update(self.rg, {"tags": {**tags, TAG_EXPIRY: until}})
+        reach = f"az vm run-command invoke -g {self.rg} -n {VM} --command-id RunPowerShellScript --scripts ..."
+        with contextlib.suppress(RuntimeError, BuildError):
+            if not self._windows:
+                reach = f"ssh -i {self.local / 'id_ed25519'} {BUILD_USER}@{self._address()}"
+        self.log.warning(
+            "errorHandling is 'abort': the build VM and its network are kept in %s for debugging until %s, then "
+            "the janitor deletes them.\n  %s\nWhen done: az group delete -n %s", self.group, until, reach, self.rg)
+        return {"removed": False, "kept": str(self.group), "until": until}
+
+    def _remove_local(self) -> None:
+        for name in ("id_ed25519", "id_ed25519.pub", "journal.json"):
+            (self.local / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.local.rmdir()
+
+
+def _destination_group(plan: Any) -> str | None:
+    from goldsmith.build import destination_resource_group
+
+    return destination_resource_group(plan)
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) if p.isdigit() else -1 for p in version.split("."))
+
+
+def _tail(result: dict[str, Any], lines: int = 30) -> str:
+    text = (result.get("stdout", "") + "\n" + result.get("stderr", "")).strip().splitlines()
+    return "\n".join(f"    {line}" for line in text[-lines:])
