@@ -16,9 +16,10 @@ renamed into place, so a cached disk is always complete.
 ``GOLDSMITH_DEBIAN_MIRROR`` overrides the mirror the build downloads from (not the one written into the
 image's sources.list, which is part of the recipe and its digest).
 
-Measured on this host (2 cores, Debian 12, QEMU 7.2, deb.debian.org): recipe build ~2 min (mmdebstrap
-~85 s, zstd qcow2 conversion ~7 s), 150 MiB qcow2 for a 4 GiB disk (~450 MiB used). Booting it under
-TCG (pc, qemu64, 2 vCPUs): SSH answers after ~79 s; cloud-init is done ~25 s later.
+Measured on this host (2 cores, Debian 12, QEMU 7.2, deb.debian.org): a recipe build takes 124-145 s
+(mmdebstrap ~85 s of it, the zstd qcow2 conversion ~7 s) and gives a 143 MiB qcow2 of a 4 GiB disk
+(~450 MiB used). Booted under TCG (pc, qemu64, 2 vCPUs, idle host) SSH answers after ~79 s and cloud-init
+is done ~25 s later.
 
 Pitfalls handled: loop partition nodes may not appear by themselves (``partx -a``); GRUB 2.06 can't read
 ext4 with ``metadata_csum_seed``/``orphan_file`` (mke2fs ``-O ^...``); ``grub-install`` can't map a loop

@@ -10,7 +10,8 @@ Choices, from measurements on this host (see shared/notes/qemu-on-these-machines
 
 - Acceleration is decided before booting (``choose_accel``): nested KVM (kvm_pvm) aborts or crawls, so
   it gets TCG. A KVM boot that still dies with a KVM error is relaunched under TCG automatically.
-- Under TCG: ``-machine pc -cpu qemu64`` boots faster than q35/max (SSH after ~79 s with 2 vCPUs).
+- Under TCG: ``-machine pc -cpu qemu64`` boots faster than q35/max. The Debian base with 2 vCPUs: SSH
+  after ~79 s on an idle host (81 s after a relaunch), 158 s while another VM kept both cores busy.
 - ``-no-reboot``: an in-place reboot under TCG costs ~250 s (GRUB crawls after a reset), a fresh QEMU
   ~80 s. A guest reboot therefore ends QEMU; the caller ``relaunch()``-es on the same disk.
 - SSH is forwarded on 127.0.0.1 only. Readiness is an SSH banner, not a TCP accept: QEMU's user network
