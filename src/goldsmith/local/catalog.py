@@ -14,6 +14,11 @@ as Azure does). Each image is one of two kinds:
 ``version`` ``latest`` resolves to the highest version listed (dotted parts compared as integers); any
 other value must match a listed version exactly. The resolved version is ``CatalogEntry.exact_version``.
 
+Skus ``12`` and ``12-gen2`` share one recipe: it boots with BIOS (GPT + BIOS boot partition, as QEMU's
+SeaBIOS wants) and has no EFI system partition, so a VHD of it boots on Azure Generation 1 VMs only.
+The URL entries' sha256 values are those published in the images' SHA256SUMS (as other public projects pin
+them); this machine cannot reach those hosts, so they were not downloaded here.
+
 ``digest`` identifies the disk's content: the file's sha256 for ``url``, the sha256 of the canonical JSON
 of the recipe for ``recipe``. The cache is keyed by it.
 """

@@ -197,7 +197,9 @@ def launch(
     """Boot ``disk`` (qcow2, usually an overlay) as the build VM of ``staging_dir``; returns at once.
 
     ``user`` gets passwordless sudo and ``ssh_public_key`` (one OpenSSH public key line); ``key_path``
-    (the matching private key) is only recorded for later tasks. Call ``wait_for_ssh`` next.
+    (the matching private key) is only recorded for later tasks. ``hostname`` may be a template name:
+    characters a host name can't have become '-'. vCPUs and memory are capped to the host's cores and
+    three quarters of its available memory. Call ``wait_for_ssh`` next.
     """
     staging = Path(staging_dir).resolve()
     disk = Path(disk).resolve()
