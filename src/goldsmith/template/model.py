@@ -128,14 +128,8 @@ CUSTOMIZER_TYPES = ("Shell", "PowerShell", "File", "WindowsRestart", "WindowsUpd
 WINDOWS_ONLY_CUSTOMIZERS = ("PowerShell", "WindowsRestart", "WindowsUpdate")
 
 
-class ShellValidator(Strict):
-    type: Literal["Shell"]
-    name: str | None = None
-    scriptUri: str | None = None
-    inline: list[str] | None = None
-    sha256Checksum: str = ""
-
-    _one_script = model_validator(mode="after")(lambda self: _exactly_one_script(self, "Shell"))
+class ShellValidator(ShellCustomizer):
+    pass
 
 
 class PowerShellValidator(PowerShellCustomizer):
