@@ -26,6 +26,13 @@ $(STAMP): pyproject.toml
 	uv pip install -q --python $(PY) --compile-bytecode -e '.[test]'
 	@touch $@
 
+# Azurite (npm), the blob storage emulator the Azure tests run against (tests/azure/armdouble/azurite.py).
+# Inside the venv dir: ignored by git and removed by `make clean` like the Python tools.
+AZURITE := $(VENV)/azurite/node_modules/.bin/azurite-blob
+setup: $(AZURITE)
+$(AZURITE):
+	npm install --silent --no-audit --no-fund --prefix $(VENV)/azurite azurite@3
+
 demo: setup
 	$(PY) -m goldsmith.demo
 
