@@ -116,7 +116,7 @@ def test_build_customize_reboot_validate_and_distribute_everywhere(env: dict[str
     vhd = root / "out" / "e2e.vhd"
     assert by_name["vhd"]["artifactUri"] == vhd.as_uri()
     footer = disk.read_vhd_footer(vhd)
-    assert footer["disk_type"] == "fixed"
+    assert footer["disk_type_name"] == "fixed" and footer["checksum_ok"]
     assert footer["current_size"] % (1024 * 1024) == 0
     assert vhd.stat().st_size == footer["current_size"] + 512
 
