@@ -64,6 +64,14 @@ def test_bad_launch_arguments_name_the_field(tmp_path, changes, message):
     assert not (tmp_path / "staging").exists()
 
 
+def test_a_read_only_disk_is_refused(tmp_path):
+    base = tmp_path / "base.qcow2"
+    base.touch(mode=0o444)
+    with pytest.raises(VMConfigError, match="is read-only .* boot an overlay of it"):
+        qemu.launch(tmp_path / "staging", base, vcpus=1, memory_mib=1024, user="packer", ssh_public_key=KEY,
+                    hostname="vm")
+
+
 def test_hostname_is_made_valid():
     assert qemu._hostname("My_Template.v1") == "My-Template-v1"
     assert len(qemu._hostname("x" * 100)) == 63

@@ -232,6 +232,9 @@ def _hostname(name: str) -> str:
 def _check_args(disk: Path, vcpus: int, memory_mib: int, user: str, key: str) -> None:
     if not disk.is_file():
         raise VMConfigError(f"disk {disk} does not exist")
+    if not disk.stat().st_mode & 0o222:  # root could write it anyway
+        raise VMConfigError(f"disk {disk} is read-only (a cached base image?): boot an overlay of it "
+                            "(goldsmith.local.disk.create_overlay)")
     if vcpus < 1:
         raise VMConfigError(f"vcpus={vcpus}: must be at least 1")
     if memory_mib < MIN_MEMORY_MIB:
