@@ -1,13 +1,17 @@
-"""Azurite, Microsoft's blob storage emulator (npm package `azurite`), as the double's storage account.
+"""Azurite, Microsoft's blob storage emulator (npm package `azurite`), as the double's storage.
 
 `make setup` installs it into .venv/azurite (next to the Python tools, and removed with them by
-`make clean`). `running_azurite()` starts azurite-blob on a free port with its data in a temp dir.
+`make clean`). `running_azurite()` starts azurite-blob on a free port with its data in a temp dir and
+these accounts: devstoreaccount1 (Azurite's well-known one, for tests and for the double's own disk
+blobs) and a pool of POOL_SIZE more that back the storage accounts clients create through ARM.
 The double keeps disks' bytes here as fixed VHD page blobs and hands out real SAS URLs for them.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime
+import os
 import socket
 import struct
 import subprocess
@@ -29,23 +33,49 @@ AZURITE_BLOB = REPO / ".venv" / "azurite" / "node_modules" / ".bin" / "azurite-b
 ACCOUNT_NAME = "devstoreaccount1"
 ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 DISKS = "armdouble-disks"  # the container holding managed disks' bytes
+POOL_SIZE = 8  # storage accounts that can exist at once in the double
 MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
 class Azurite:
-    account_name: str
-    account_key: str
-    blob_endpoint: str  # http://127.0.0.1:PORT/devstoreaccount1
+    """`account_name`, `account_key`, `blob_endpoint` (http://127.0.0.1:PORT/devstoreaccount1) and
+    `connection_string` are devstoreaccount1's; `keys` has every account's key."""
+
+    host: str  # http://127.0.0.1:PORT
+    keys: dict[str, str]
     pid: int
+    account_name: str = ACCOUNT_NAME
+
+    @property
+    def account_key(self) -> str:
+        return self.keys[self.account_name]
+
+    @property
+    def blob_endpoint(self) -> str:
+        return self.endpoint(self.account_name)
+
+    def endpoint(self, account: str) -> str:
+        return f"{self.host}/{account}"
+
+    @property
+    def pool(self) -> list[str]:
+        return [a for a in self.keys if a != ACCOUNT_NAME]
 
     @property
     def connection_string(self) -> str:
         return (f"DefaultEndpointsProtocol=http;AccountName={self.account_name};AccountKey={self.account_key};"
                 f"BlobEndpoint={self.blob_endpoint};")
 
-    def service(self) -> BlobServiceClient:
-        return BlobServiceClient.from_connection_string(self.connection_string)
+    def service(self, account: str = ACCOUNT_NAME) -> BlobServiceClient:
+        return BlobServiceClient(self.endpoint(account), credential={"account_name": account,
+                                                                     "account_key": self.keys[account]})
+
+    def wipe(self, account: str) -> None:
+        """Delete every container of an account (its storage account was deleted)."""
+        service = self.service(account)
+        for container in service.list_containers():
+            service.delete_container(container.name)
 
     # -- what the double does with it -----------------------------------------------------------
 
@@ -76,21 +106,22 @@ class Azurite:
     def read_blob(self, uri: str) -> tuple[str, bytes] | None:
         """(blob type, bytes) of the blob a URI names in this Azurite, or None if it does not exist.
         The double's disks are small, so reading them whole is fine."""
-        container, name = self.locate(uri)
-        blob = self.service().get_blob_client(container, name)
+        account, container, name = self.locate(uri)
+        blob = self.service(account).get_blob_client(container, name)
         try:
             properties = blob.get_blob_properties()
         except ResourceNotFoundError:
             return None
         return str(properties.blob_type), blob.download_blob().readall()
 
-    def locate(self, uri: str) -> tuple[str, str]:
-        """(container, blob) from a blob URI of this Azurite (path-style: /account/container/blob)."""
+    def locate(self, uri: str) -> tuple[str, str, str]:
+        """(account, container, blob) from a blob URI of this Azurite (path-style: /account/container/blob)."""
         parts = urlsplit(uri)
-        if f"{parts.scheme}://{parts.netloc}/{self.account_name}" != self.blob_endpoint:
-            raise ValueError(f"{uri} is not a blob of the test storage account {self.blob_endpoint}")
-        container, _, name = parts.path.split("/", 2)[2].partition("/")
-        return container, name
+        account, _, rest = parts.path.lstrip("/").partition("/")
+        container, _, name = rest.partition("/")
+        if f"{parts.scheme}://{parts.netloc}" != self.host or account not in self.keys or not name:
+            raise ValueError(f"{uri} is not a blob in the test storage ({self.host}, accounts {', '.join(self.keys)})")
+        return account, container, name
 
 
 def fixed_vhd(data: bytes) -> bytes:
@@ -134,16 +165,19 @@ def running_azurite() -> Iterator[Azurite]:
     """azurite-blob on 127.0.0.1 (a free port), data in a temp dir; stopped and removed afterwards."""
     if not AZURITE_BLOB.exists():
         raise FileNotFoundError(f"{AZURITE_BLOB} missing: run `make setup` (it runs npm install azurite@3)")
+    keys = {ACCOUNT_NAME: ACCOUNT_KEY, **{f"armdouble{i}": base64.b64encode(os.urandom(64)).decode()
+                                          for i in range(1, POOL_SIZE + 1)}}
     with tempfile.TemporaryDirectory(prefix="goldsmith-azurite-") as tmp:
         port = _free_port()
         log = open(Path(tmp) / "azurite.log", "wb")
         proc = subprocess.Popen(
-            [str(AZURITE_BLOB), "--silent", "--skipApiVersionCheck", "--location", f"{tmp}/data",
-             "--blobHost", "127.0.0.1", "--blobPort", str(port)],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+            [str(AZURITE_BLOB), "--silent", "--skipApiVersionCheck", "--disableTelemetry", "--location",
+             f"{tmp}/data", "--blobHost", "127.0.0.1", "--blobPort", str(port)],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            env={**os.environ, "AZURITE_ACCOUNTS": ";".join(f"{a}:{k}" for a, k in keys.items())})
         try:
             _wait_listening(port, proc, Path(tmp) / "azurite.log")
-            yield Azurite(ACCOUNT_NAME, ACCOUNT_KEY, f"http://127.0.0.1:{port}/{ACCOUNT_NAME}", proc.pid)
+            yield Azurite(f"http://127.0.0.1:{port}", keys, proc.pid)
         finally:
             proc.terminate()
             try:

@@ -200,6 +200,8 @@ class ResourceType:
     type = ""  # canonical, e.g. Microsoft.Network/virtualNetworks
     tracked = True  # has location and tags (child resources like subnets do not)
     creating_state = "Creating"  # provisioningState while a PUT creates it (network says Updating)
+    create_status_monitor = True  # PUT answers 201 + Azure-AsyncOperation; else 202 + Location, no body
+    synchronous_delete = False  # DELETE answers 200 at once instead of 202 + operation
 
     def __init__(self, double):
         self.double = double

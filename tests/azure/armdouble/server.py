@@ -50,7 +50,7 @@ class ArmDouble:
 
     def __init__(self, *, blob_store=None, tenant_id: str = TENANT_ID, subscription_id: str = SUBSCRIPTION_ID,
                  client_id: str = CLIENT_ID, client_secret: str = CLIENT_SECRET):
-        from . import compute, network  # the resource types register themselves on the double
+        from . import compute, network, storage  # the resource types register themselves on the double
         self.tenant_id, self.subscription_id = tenant_id, subscription_id
         self.client_id, self.client_secret = client_id, client_secret
         self.federated_token = "armdouble-federated-token"  # the client assertion workload identity sends
@@ -58,7 +58,7 @@ class ArmDouble:
         self.latency: dict[str, Latency] = {"*": Latency()}
         self._lock = threading.RLock()
         self._types: dict[str, ResourceType] = {}
-        for module in (network, compute):
+        for module in (network, compute, storage):
             for cls in module.TYPES:
                 handler = cls(self)
                 self._types[handler.type.lower()] = handler
@@ -550,6 +550,7 @@ class ArmDouble:
         def finish():
             handler.provision(res)
             res.properties["provisioningState"] = "Succeeded"
+            return None if handler.create_status_monitor else handler.view(res, {})
 
         def failed():
             res.properties["provisioningState"] = "Failed"
@@ -557,9 +558,12 @@ class ArmDouble:
         verb = "create" if existing is None else "update"
         res.op = self.start_operation(f"{handler.type.split('/')[-1]}/{verb}", finish, on_failure=failed,
                                       ready=lambda: handler.ready(res))
-        headers = self.operation_headers(res.op, handler.namespace, self._location_of(res),
-                                         location_header=False)
-        return Response(201 if existing is None else 200, handler.view(res, query), headers)
+        location = self._location_of(res)
+        if not handler.create_status_monitor:
+            return Response(202, None, self.operation_headers(res.op, handler.namespace, location,
+                                                              status_monitor=False))
+        return Response(201 if existing is None else 200, handler.view(res, query),
+                        self.operation_headers(res.op, handler.namespace, location, location_header=False))
 
     def _patch(self, handler: ResourceType, res: Resource, body: dict, query) -> Response:
         if "tags" in body:
@@ -572,6 +576,10 @@ class ArmDouble:
                         self.operation_headers(op, handler.namespace, self._location_of(res), location_header=False))
 
     def _delete(self, handler: ResourceType, res: Resource) -> Response:
+        if handler.synchronous_delete:
+            handler.check_delete(res)
+            self.remove(res)
+            return Response(200)
         if res.op and not res.op.done and res.op.kind.endswith("/delete"):
             op = res.op
         else:
