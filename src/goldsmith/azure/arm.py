@@ -259,9 +259,12 @@ async def check(clients: ArmClients, wait: Wait, blob_check: Callable[..., Any] 
     if wait.kind == "run_command":
         view = resource["properties"].get("instanceView") or {}
         execution = view.get("executionState")
-        if state == "Failed" and execution not in TERMINAL_RUN_COMMAND_STATES:
+        if execution in TERMINAL_RUN_COMMAND_STATES:  # the step judges the exit code; its output goes to the log
+            output = "\n".join(filter(None, (view.get("output"), view.get("error"))))
+            return Progress(True, note=f"{execution}, exit code {view.get('exitCode')}\n{output}".rstrip())
+        if state == "Failed":
             return Progress(True, f"{wait.label}: provisioningState Failed: {view.get('executionMessage', '')}")
-        return Progress(execution in TERMINAL_RUN_COMMAND_STATES, note=f"execution {execution}")
+        return Progress(False, note=f"execution {execution}")
     note = f"provisioningState {state}"
     replication = (resource["properties"].get("replicationStatus") or {}).get("summary")
     if replication:

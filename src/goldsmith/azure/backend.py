@@ -4,28 +4,23 @@ A build's resources live in its staging resource group (`IT_<rg>_<template>_<gui
 `stagingResourceGroup`), under fixed names, so each step — in any process, on any try — finds what earlier
 steps and tries made. Long operations are started, then handed to the caller as `Pending` (a trigger to wait
 on); the step is called again when they end and continues from what exists. A few things ARM can't hold live
-in a local staging directory `$GOLDSMITH_HOME/staging/<group>/`: the build VM's ephemeral SSH key and the
-journal of Run Command operations (an action, not a resource). On a worker without it, a new key is installed
-through Run Command.
+in a local staging directory `$GOLDSMITH_HOME/staging/<group>/`: the Linux build VM's ephemeral SSH key (a
+worker without it installs a new one through Run Command).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
-import os
 import re
 import secrets
 import time
 import urllib.request
 from datetime import datetime, timedelta, timezone
 from functools import cached_property
-from pathlib import Path
 from typing import Any, Iterator
 
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError, ServiceRequestError, ServiceResponseError
-from azure.core.rest import HttpRequest
 from azure.storage.blob import BlobClient, BlobServiceClient
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -37,7 +32,7 @@ from goldsmith.azure.hooks import AzureBuildHook, AzureSettingsError
 from goldsmith.azure.triggers import ArmWaitTrigger
 from goldsmith.build import Build, BuildError, Pending
 from goldsmith.communicator import CommunicatorError, SSHCommunicator
-from goldsmith.local.gallery import GalleryError, _check_version, _from_source, _key, _next_latest
+from goldsmith.local.gallery import GalleryError, _check_version, _from_source, _next_latest
 from goldsmith.settings import goldsmith_home
 from goldsmith.template.plan import Step
 
@@ -48,6 +43,7 @@ KEEP_FOR_DEBUGGING = timedelta(hours=24)  # errorHandling abort: how long the ja
 MAX_UPDATE_ROUNDS = 10  # WindowsUpdate: search-install-restart rounds, as Packer's provisioner loops
 EGRESS_IP_URL = "https://api.ipify.org"
 VHD_SAS_SECONDS = 4 * 3600
+RUN_COMMAND_TIMEOUT = 90 * 60  # Azure's limit for one Run Command
 
 # What a build creates in its staging group.
 VNET, SUBNET, NSG, PIP, NIC, VM, OS_DISK, IMAGE = (
@@ -61,8 +57,9 @@ T_VM, T_DISK, T_IMAGE, T_STORAGE = ("Microsoft.Compute/virtualMachines", "Micros
 DELETE_ORDER = ([(T_VM, VM)], [(T_NIC, NIC), (T_IMAGE, IMAGE), (T_DISK, OS_DISK)],
                 [(T_PIP, PIP), (T_NSG, NSG), (T_VNET, VNET)])
 
-TAG_CREATED_BY, TAG_DAG, TAG_RUN, TAG_TEMPLATE, TAG_EXPIRY, TAG_KEEP = (
-    "createdBy", "goldsmith.dagId", "goldsmith.runId", "goldsmith.template", "goldsmith.expiry", "goldsmith.keep")
+TAG_CREATED_BY, TAG_DAG, TAG_RUN, TAG_TEMPLATE, TAG_EXPIRY, TAG_KEEP, TAG_DEPROVISIONED = (
+    "createdBy", "goldsmith.dagId", "goldsmith.runId", "goldsmith.template", "goldsmith.expiry", "goldsmith.keep",
+    "goldsmith.deprovisioned")
 
 
 class AzureBackend:
@@ -522,10 +519,10 @@ class AzureBackend:
         """This worker lacks the key another worker made: make one and add it to the VM through Run Command."""
         self.log.warning("no SSH key for this build in %s (another worker made it): installing a new one", self.local)
         public = self._ensure_key()
-        script = (f"install -d -m 700 -o {BUILD_USER} -g {BUILD_USER} /home/{BUILD_USER}/.ssh && "
-                  f"echo '{public}' >> /home/{BUILD_USER}/.ssh/authorized_keys")
-        self.arm.compute.virtual_machines.begin_run_command(
-            self.rg, VM, {"commandId": "RunShellScript", "script": [script]}).result()
+        result = self._run_command("ssh-key", f"echo '{public}' >> /home/{BUILD_USER}/.ssh/authorized_keys")
+        self._delete_run_commands("ssh-key")
+        if result["exitCode"] != 0:
+            raise RuntimeError(f"could not install a new SSH key on the build VM:\n{_tail(result)}")
 
     def _on_line(self, line: str) -> None:
         self.log.info("%s", line)
@@ -589,9 +586,8 @@ class AzureBackend:
     # --- Windows, through Run Command ----------------------------------------------------------------------
 
     def _windows_step(self, step: Step, *, validator: bool) -> dict[str, Any]:
-        """Each script of a step is a Run Command keyed `<task id>/<part>` in the journal: a step called again
-        (after a wait, or on a retry) skips the parts that ran. The step's keys are dropped when it ends, so
-        a retry after a failure runs it again."""
+        """Each script of a step is a Run Command named after the step and its part: a step called again (after
+        a wait, or on a retry) skips the parts that ran."""
         c, key = step.item, step.task_id
         try:
             if c.type == "PowerShell":
@@ -603,9 +599,9 @@ class AzureBackend:
             else:
                 self._windows_update(key, c)
         except (BuildError, customizers.CustomizerError) as e:
-            self._forget(key)
+            self._delete_run_commands(key)
             raise BuildError(f"{step.task_id}: {'validation failed: ' if validator else ''}{e}") from None
-        self._forget(key)
+        self._delete_run_commands(key)
         return {"step": step.task_id, **({"passed": True} if validator else {})}
 
     def _powershell(self, key: str, c: Any, name: str) -> None:
@@ -632,7 +628,7 @@ class AzureBackend:
 
     def _restart(self, key: str, command: str, check: str, timeout: int) -> None:
         before = self._run_command(f"{key}/restart", windows.restart(command))
-        boot = next((line[len(windows.BOOT_MARKER):] for line in before["stdout"].splitlines()
+        boot = next((line[len(windows.BOOT_MARKER):] for line in before["output"].splitlines()
                      if line.startswith(windows.BOOT_MARKER)), None)
         if boot is None:
             raise BuildError(f"the restart script did not report the boot time:\n{_tail(before)}")
@@ -646,62 +642,42 @@ class AzureBackend:
             result = self._run_command(f"{key}/update{round_}", script)
             if result["exitCode"] != 0:
                 raise BuildError(f"Windows Update failed:\n{_tail(result)}")
-            if windows.REBOOT_MARKER not in result["stdout"]:
+            if windows.REBOOT_MARKER not in result["output"]:
                 return
             self._restart(f"{key}/update{round_}", windows.UPDATE_RESTART_COMMAND, "", windows.UPDATE_RESTART_SECONDS)
         raise BuildError(f"updates still wanted a restart after {MAX_UPDATE_ROUNDS} rounds")
 
     def _run_command(self, key: str, script: str) -> dict[str, Any]:
-        """Runs a PowerShell script through Run Command once per journal key and returns {"stdout", "stderr",
-        "exitCode"}; raises Pending while it runs."""
-        entry = self._journal().get(key)
-        vm = str(self._id(T_VM, VM))
-        if entry is None:
-            operation = arm.submit(self.arm.compute.virtual_machines.begin_run_command, self.rg, VM, {
-                "commandId": "RunPowerShellScript", "script": windows.with_exit_code(key, script).splitlines()})
-            if operation is None:
-                raise RuntimeError(f"Run Command {key}: ARM answered without an operation to follow")
-            self._note(key, {"operation": operation})
-            raise self._pending(f"Run Command {key}", [Wait("operation", vm, f"Run Command {key}", operation)])
-        if "result" in entry:
-            return entry["result"]
-        status = self._operation(entry["operation"])
-        if status.get("status") not in ("Succeeded", "Failed", "Canceled"):
-            raise self._pending(f"Run Command {key} (started earlier)",
-                                [Wait("operation", vm, f"Run Command {key}", entry["operation"])])
-        if status["status"] != "Succeeded":
-            self._forget(key)  # the task's retry submits it again
-            error = status.get("error") or {}
-            raise RuntimeError(f"Run Command {key} {status['status']}: {error.get('code')}: {error.get('message')}")
-        result = windows.run_command_result((status.get("properties") or {}).get("output") or {})
-        for line in (result["stdout"] + "\n" + result["stderr"]).strip().splitlines():
+        """Runs a script once per key as a managed Run Command (a resource named after the key, so a step called
+        again, or a retry after a lost worker, finds it); returns its instance view (exitCode, output, error)
+        once it ran, raises Pending while it runs."""
+        name = _run_command_name(key)
+        rid = self._id(T_VM, VM).child("runCommands", name)
+        found = arm.get(self.arm, rid)
+        view = ((found or {}).get("properties") or {}).get("instanceView") or {}
+        if found is None:
+            operation = arm.submit(self.arm.compute.virtual_machine_run_commands.begin_create_or_update, self.rg, VM,
+                                   name, {"location": self.location, "tags": self._tags(), "properties": {
+                                       "source": {"script": script}, "asyncExecution": False,
+                                       "timeoutInSeconds": RUN_COMMAND_TIMEOUT,
+                                       "treatFailureAsDeploymentFailure": False}})
+            raise self._pending(f"Run Command {name}", [Wait("run_command", str(rid), f"Run Command {name}", operation)])
+        if view.get("executionState") not in arm.TERMINAL_RUN_COMMAND_STATES:
+            raise self._pending(f"Run Command {name} (started earlier)", [Wait("run_command", str(rid), name)])
+        return {"exitCode": view.get("exitCode"), "output": view.get("output") or "", "error": view.get("error") or "",
+                "executionState": view["executionState"]}
+
+    def _log_output(self, result: dict[str, Any]) -> None:
+        for line in (result["output"] + "\n" + result["error"]).strip().splitlines():
             self.log.info("%s", line)
-        self._note(key, {**entry, "result": result})
-        return result
 
-    def _operation(self, url: str) -> dict[str, Any]:
-        response = self.arm.resources.send_request(HttpRequest("GET", url))
-        response.raise_for_status()
-        return response.json() if response.status_code != 202 else {"status": "InProgress"}
-
-    def _journal(self) -> dict[str, Any]:
-        path = self.local / "journal.json"
-        return json.loads(path.read_text()) if path.exists() else {}
-
-    def _note(self, key: str, value: Any) -> None:
-        journal = self._journal()
-        journal[key] = value
-        self._write_journal(journal)
-
-    def _forget(self, prefix: str) -> None:
-        journal = self._journal()
-        self._write_journal({k: v for k, v in journal.items() if k != prefix and not k.startswith(prefix + "/")})
-
-    def _write_journal(self, journal: dict[str, Any]) -> None:
-        self.local.mkdir(parents=True, exist_ok=True)
-        tmp = self.local / "journal.json.tmp"
-        tmp.write_text(json.dumps(journal, indent=1))
-        os.replace(tmp, self.local / "journal.json")
+    def _delete_run_commands(self, key: str) -> None:
+        """A step's Run Commands go when it ends, so that a retry runs them again."""
+        prefix = _run_command_name(key)
+        for command in self.arm.compute.virtual_machine_run_commands.list_by_virtual_machine(self.rg, VM):
+            name = command.as_dict()["name"]
+            if name == prefix or name.startswith(prefix + "-"):
+                self.arm.compute.virtual_machine_run_commands.begin_delete(self.rg, VM, name).result()
 
     # --- generalize and capture ----------------------------------------------------------------------------
 
@@ -711,15 +687,18 @@ class AzureBackend:
             if generalized:
                 self.log.info("already generalized by an earlier try")
                 return {"generalized": True}
-            if power in ("running", "starting") and not self._journal().get("generalize/done"):
+            deprovisioned = (self._vm.get("tags") or {}).get(TAG_DEPROVISIONED) == "true"
+            if power == "running" and not deprovisioned:
                 if self._windows:
                     result = self._run_command("generalize/sysprep", windows.SYSPREP)
                     if result["exitCode"] != 0:
-                        self._forget("generalize")
+                        self._delete_run_commands("generalize")
                         raise BuildError(f"generalize: sysprep failed:\n{_tail(result)}")
                 else:
                     self._deprovision_linux()
-                self._note("generalize/done", True)
+                # The build user is gone now: a retry must not try to log in and deprovision again.
+                self.arm.compute.virtual_machines.begin_update(self.rg, VM, {"tags": {
+                    **(self._vm.get("tags") or {}), TAG_DEPROVISIONED: "true"}}).result()
             if power != "deallocated":
                 operation = None if power == "deallocating" else arm.submit(
                     self.arm.compute.virtual_machines.begin_deallocate, self.rg, VM)
@@ -989,6 +968,9 @@ class AzureBackend:
         return f"gs{hashlib.sha256(self.build.guid.encode()).hexdigest()[:20]}"
 
     def _kept_storage(self) -> str | None:
+        """The staging storage account, if a VHD target without uri put a VHD there."""
+        if not any(d.type == "VHD" and not d.uri for d in self.props.distribute):
+            return None
         account = self._storage_account
         return account if arm.get(self.arm, self._id(T_STORAGE, account)) is not None else None
 
@@ -1005,7 +987,7 @@ class AzureBackend:
         return {"removed": False, "kept": str(self.group), "until": until}
 
     def _remove_local(self) -> None:
-        for name in ("id_ed25519", "id_ed25519.pub", "journal.json"):
+        for name in ("id_ed25519", "id_ed25519.pub"):
             (self.local / name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.local.rmdir()
@@ -1017,10 +999,14 @@ def _destination_group(plan: Any) -> str | None:
     return destination_resource_group(plan)
 
 
+def _run_command_name(key: str) -> str:
+    return "goldsmith-" + re.sub(r"[^A-Za-z0-9_-]+", "-", key).strip("-")[:70]
+
+
 def _version_key(version: str) -> tuple[int, ...]:
     return tuple(int(p) if p.isdigit() else -1 for p in version.split("."))
 
 
 def _tail(result: dict[str, Any], lines: int = 30) -> str:
-    text = (result.get("stdout", "") + "\n" + result.get("stderr", "")).strip().splitlines()
+    text = (result["output"] + "\n" + result["error"]).strip().splitlines()
     return "\n".join(f"    {line}" for line in text[-lines:])

@@ -11,7 +11,7 @@ Connection (type `azure`):
   (extra `workload_identity_tenant_id`), environment variables, ...;
 - extra `subscriptionId` (required): where staging resources go;
 - extra `cloud_environment` (AzurePublicCloud, AzureUSGovernment, AzureChinaCloud), or for another ARM
-  endpoint (Azure Stack Hub, a test double) `resource_manager_endpoint`, `authority_host` and optionally
+  endpoint (Azure Stack Hub, a test double) `resource_manager_endpoint`, `authority` and optionally
   `credential_scope`;
 - extra `connection_verify`: a CA bundle for both ARM and token endpoints (default: `REQUESTS_CA_BUNDLE`,
   then the system store);
@@ -21,6 +21,7 @@ Connection (type `azure`):
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -52,7 +53,9 @@ _CLOUDS = {
 # retry those a few times with exponential backoff capped at a minute; the task's own retries come after.
 RETRY = {"retry_total": 8, "retry_connect": 4, "retry_read": 3, "retry_status": 6,
          "retry_backoff_factor": 1.0, "retry_backoff_max": 60}
-STORAGE_SCOPE = "https://storage.azure.com/.default"
+
+# azure-core logs every request and response at INFO: in a task log that buries the build's own lines.
+logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(logging.WARNING)
 
 
 class AzureSettingsError(ValueError):
@@ -96,7 +99,7 @@ class ArmSettings:
             raise AzureSettingsError(f"Airflow connection '{conn.conn_id}': extra 'cloud_environment' is "
                                      f"'{cloud}'; use one of {', '.join(_CLOUDS)} or set 'resource_manager_endpoint'")
         base_url = (get("resource_manager_endpoint") or _CLOUDS[cloud][0]).rstrip("/")
-        authority = get("authority_host") or _CLOUDS[cloud][1]
+        authority = get("authority") or _CLOUDS[cloud][1]
         verify = get("connection_verify")
         if verify is None:
             verify = os.environ.get("REQUESTS_CA_BUNDLE") or True

@@ -15,7 +15,7 @@ from azure.core.exceptions import AzureError, HttpResponseError
 from azure.storage.blob.aio import BlobClient
 
 from goldsmith.azure import arm
-from goldsmith.azure.hooks import STORAGE_SCOPE, ArmClients, ArmSettings, AzureBuildHook
+from goldsmith.azure.hooks import ArmClients, ArmSettings, AzureBuildHook
 
 # Polls that fail in a row (after azure-core's own retries) before the wait is given up as failed.
 MAX_POLL_ERRORS = 10
@@ -96,6 +96,3 @@ class _BlobCheck:
         if copy.status in ("failed", "aborted"):
             return arm.Progress(True, f"{wait.label}: blob copy {copy.status}: {copy.status_description}")
         return arm.Progress(False, note=f"copy {copy.status} {copy.progress or ''}")
-
-
-__all__ = ["ArmWaitTrigger", "STORAGE_SCOPE"]

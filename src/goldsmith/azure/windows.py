@@ -144,35 +144,3 @@ exit 0
 
 UPDATE_RESTART_COMMAND = 'shutdown /r /f /t 0 /c "goldsmith windows update"'
 UPDATE_RESTART_SECONDS = 1800
-EXIT_CODE_MARKER = "goldsmith-exit-code: "
-
-
-def with_exit_code(name: str, script: str) -> str:
-    """Runs `script` as a file with powershell.exe, as Packer does, so that `exit N` sets the exit code, and
-    prints that code last: Run Command reports only the output."""
-    encoded = base64.b64encode(script.encode("utf-8")).decode()
-    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", name)[-60:] or "script"
-    return "\n".join([
-        f"$path = Join-Path $env:TEMP 'goldsmith-{slug}.ps1'",
-        f"[IO.File]::WriteAllText($path, [Text.Encoding]::UTF8.GetString([Convert]::FromBase64String('{encoded}')))",
-        "& powershell.exe -NoProfile -NonInteractive -ExecutionPolicy Bypass -File $path",
-        f"Write-Output ('{EXIT_CODE_MARKER}' + $LASTEXITCODE)",
-    ])
-
-
-def run_command_result(output: dict) -> dict:
-    """Run Command's result statuses (ComponentStatus/StdOut/succeeded, .../StdErr/...) as stdout, stderr and
-    the exit code `with_exit_code` printed last (-1 when the script did not get that far)."""
-    stdout = stderr = ""
-    for status in output.get("value") or []:
-        if "/StdOut/" in status.get("code", ""):
-            stdout = status.get("message") or ""
-        elif "/StdErr/" in status.get("code", ""):
-            stderr = status.get("message") or ""
-    lines = stdout.rstrip().splitlines()
-    exit_code = -1
-    if lines and lines[-1].startswith(EXIT_CODE_MARKER):
-        value = lines[-1][len(EXIT_CODE_MARKER):].strip()
-        exit_code = int(value) if value.lstrip("-").isdigit() else -1
-        stdout = "\n".join(lines[:-1])
-    return {"stdout": stdout, "stderr": stderr, "exitCode": exit_code}
