@@ -1,19 +1,22 @@
 """The azure backend against the ARM test double and Azurite: the real azure-identity and azure-mgmt-* clients
 over HTTPS, Linux build VMs with a real sshd (customizers really run), Windows VMs whose Run Commands are
-recorded. Most tests drive the backend's steps in this process, as the operators do (a step raising Pending is
-called again once its trigger fires); one runs a whole build through `airflow dags test`.
+recorded. The tests drive the backend's steps in this process, as the operators do (a step raising Pending is
+called again once its trigger has fired); test_backend_dags.py runs whole builds through `airflow dags test`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from azure.storage.blob import BlobServiceClient, ContainerSasPermissions, generate_container_sas
 
+from goldsmith import runoutputs
 from goldsmith.azure.backend import AzureBackend
 from goldsmith.build import Build, BuildError, Pending
 from goldsmith.operators.steps import _first_event
@@ -28,7 +31,7 @@ WINDOWS = {"type": "PlatformImage", "publisher": "MicrosoftWindowsServer", "offe
 
 @pytest.fixture
 def env(azure_connection, monkeypatch, tmp_path) -> dict[str, Any]:
-    """The connection of the conftest, plus goldsmith's extras: SSH from loopback, fast polling."""
+    """The conftest's connection plus goldsmith's extras: SSH from loopback, fast polling."""
     conn = json.loads(azure_connection.json)
     conn["extra"].update(goldsmith_ssh_source="127.0.0.0/8", goldsmith_poll_interval="0.05")
     monkeypatch.setenv("AIRFLOW_CONN_AZURE_DEFAULT", json.dumps(conn))
@@ -36,53 +39,126 @@ def env(azure_connection, monkeypatch, tmp_path) -> dict[str, Any]:
     return conn
 
 
+@pytest.fixture
+def images(arm_double) -> str:
+    """A resource group with a gallery and Linux and Windows image definitions, as a team would have."""
+    group = f"/subscriptions/{arm_double.subscription_id}/resourceGroups/images"
+    arm_double.seed(group, {"location": LOCATION})
+    arm_double.seed(f"{group}/providers/Microsoft.Compute/galleries/golden", {"location": LOCATION})
+    for name, os_type in (("linux", "Linux"), ("windows", "Windows")):
+        arm_double.seed(f"{group}/providers/Microsoft.Compute/galleries/golden/images/{name}", {
+            "location": LOCATION, "properties": {
+                "osType": os_type, "osState": "Generalized", "hyperVGeneration": "V1",
+                "identifier": {"publisher": "goldsmith", "offer": name, "sku": "1"}}})
+    return group
+
+
 def make_build(tmp_path: Path, properties: dict[str, Any], name: str = "tpl", run_id: str = "manual__1",
-               params: dict[str, Any] | None = None) -> Build:
-    body = {"location": LOCATION, "properties": properties, "goldsmith": {"backend": "azure"}}
+               params: dict[str, Any] | None = None, **top: Any) -> Build:
+    body = {"location": LOCATION, "properties": properties, "goldsmith": {"backend": "azure"}, **top}
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(body))
     return Build(make_plan(load_template(path)), name, run_id, params or {}, logging.getLogger("test.build"))
 
 
-def drive(call: Callable[[], Any], on_pending: Callable[[Pending], None] | None = None) -> Any:
+def drive(call: Callable[[], Any], pending: list[Pending] | None = None) -> Any:
     """What an operator does: call the step; when it raises Pending, run the trigger, then call it again."""
     while True:
         try:
             return call()
-        except Pending as pending:
-            if on_pending:
-                on_pending(pending)
-            event = asyncio.run(_first_event(pending.trigger))
+        except Pending as p:
+            if pending is not None:
+                pending.append(p)
+            event = asyncio.run(_first_event(p.trigger))
             if event["status"] != "success":
                 raise RuntimeError(event["message"])
 
 
 def run_build(backend: AzureBackend) -> dict[str, Any]:
+    """Every step in DAG order; cleanup always runs."""
     source = backend.resolve_source()
-    drive(backend.prepare_staging)
-    drive(lambda: backend.provision(source))
-    for step in backend.build.plan.customize_steps():
-        drive(lambda: backend.customize(step))
-    for step in backend.build.plan.validate_steps():
-        drive(lambda: backend.validate(step))
-    drive(backend.generalize)
-    drive(backend.capture)
-    outputs = {step.name: drive(lambda: backend.distribute(step, source)) for step in backend.build.plan.distribute_steps()}
-    drive(lambda: backend.cleanup(keep_vm=False))
+    plan = backend.build.plan
+    try:
+        drive(backend.prepare_staging)
+        drive(lambda: backend.provision(source))
+        for step in plan.customize_steps():
+            drive(lambda: backend.customize(step))
+        for step in plan.validate_steps():
+            drive(lambda: backend.validate(step))
+        drive(backend.generalize)
+        drive(backend.capture)
+        outputs = {step.name: drive(lambda: backend.distribute(step, source)) for step in plan.distribute_steps()}
+    finally:
+        drive(lambda: backend.cleanup(keep_vm=False))
     return {"source": source, "outputs": outputs}
 
 
-def test_linux_build_end_to_end(env, arm_double, tmp_path):
-    group = f"/subscriptions/{arm_double.subscription_id}/resourceGroups/images"
-    arm_double.seed(group, {"location": LOCATION})
+def vhd_container(azurite) -> str:
+    """A container URL with a SAS that lets the copy write into it."""
+    service = BlobServiceClient.from_connection_string(azurite.connection_string)
+    container = service.get_container_client("vhds")
+    if not container.exists():
+        container.create_container()
+    sas = generate_container_sas(service.account_name, "vhds", account_key=service.credential.account_key,
+                                 permission=ContainerSasPermissions(read=True, write=True, create=True),
+                                 expiry=datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1))
+    return f"{container.url}?{sas}"
+
+
+def puts(arm_double, fragment: str) -> int:
+    return sum(1 for c in arm_double.calls if c.method == "PUT" and c.path.lower().endswith(fragment.lower()))
+
+
+# --- a Linux build, end to end ---------------------------------------------------------------------------
+
+
+def test_linux_build_customizes_over_ssh_and_distributes_everywhere(env, arm_double, azurite, images, tmp_path,
+                                                                      caplog):
+    payload = tmp_path / "payload.txt"
+    payload.write_text("payload from the File customizer\n")
+    definition = f"{images}/providers/Microsoft.Compute/galleries/golden/images/linux"
     build = make_build(tmp_path, {
         "source": DEBIAN,
-        "customize": [{"type": "Shell", "name": "marker", "inline": ["echo hello-from-the-vm",
-                                                                     "echo built | sudo tee /etc/goldsmith-marker"]}],
-        "distribute": [{"type": "ManagedImage", "runOutputName": "managed", "location": LOCATION,
-                        "imageId": f"{group}/providers/Microsoft.Compute/images/golden"}],
+        "customize": [
+            {"type": "Shell", "name": "marker", "inline": ["echo hello-from-the-vm",
+                                                           "echo built | sudo tee /etc/goldsmith-marker"]},
+            {"type": "File", "name": "payload", "sourceUri": payload.as_uri(), "destination": "/tmp/payload.txt"},
+        ],
+        "validate": {"inVMValidations": [{"type": "Shell", "name": "check", "inline": [
+            "grep -q built /etc/goldsmith-marker", "grep -q 'File customizer' /tmp/payload.txt"]}]},
+        "distribute": [
+            {"type": "ManagedImage", "runOutputName": "managed", "location": LOCATION,
+             "imageId": f"{images}/providers/Microsoft.Compute/images/golden"},
+            {"type": "SharedImage", "runOutputName": "sig", "galleryImageId": definition,
+             "targetRegions": [{"name": LOCATION, "replicaCount": 2}, {"name": "eastus"}],
+             "excludeFromLatest": True, "artifactTags": {"stage": "base"}},
+            {"type": "VHD", "runOutputName": "vhd", "uri": vhd_container(azurite)},
+        ],
     })
+    caplog.set_level(logging.INFO)
     result = run_build(AzureBackend(build))
-    assert result["source"]["exactVersion"] == "0.20250305.2040"
-    assert result["outputs"]["managed"]["artifactId"].endswith("/images/golden")
-    arm_double.keep(f"{group}/providers/Microsoft.Compute/images/golden")
+
+    assert result["source"]["exactVersion"] == "0.20250305.2040"  # `latest` from the marketplace listing
+    assert "hello-from-the-vm" in caplog.text  # customizer output reaches the task log
+    outputs = result["outputs"]
+    assert outputs["managed"]["artifactId"] == f"{images}/providers/Microsoft.Compute/images/golden"
+    assert outputs["sig"]["artifactId"] == f"{definition}/versions/0.0.1"
+    version = arm_double.get(outputs["sig"]["artifactId"])
+    profile = version["properties"]["publishingProfile"]
+    assert [(r["name"], r["regionalReplicaCount"]) for r in profile["targetRegions"]] == [(LOCATION, 2), ("eastus", 1)]
+    assert profile["excludeFromLatest"] is True
+    assert version["tags"]["stage"] == "base" and version["tags"]["goldsmith.sourceVersion"] == "0.20250305.2040"
+    assert "replication" in caplog.text  # per-region progress was watched
+
+    vhd = outputs["vhd"]["artifactUri"]
+    assert vhd.endswith(".vhd") and "?" not in vhd
+    blob = BlobServiceClient.from_connection_string(azurite.connection_string).get_container_client("vhds") \
+        .get_blob_client(vhd.rsplit("/", 1)[1])
+    assert blob.download_blob().readall()[-512:][:8] == b"conectix"  # the disk's bytes, a fixed VHD
+
+    _, recorded = runoutputs.list_outputs("tpl", "manual__1")
+    assert {o["name"]: o["properties"]["provisioningState"] for o in recorded} == dict.fromkeys(
+        ("managed", "sig", "vhd"), "Succeeded")
+    vm_put = next(c for c in arm_double.calls if c.method == "PUT" and c.path.endswith("/virtualMachines/goldsmith-vm"))
+    assert vm_put  # the VM was created once and deleted with the staging group (leftovers are checked after the test)
+    arm_double.keep(f"{images}/providers/Microsoft.Compute/images/golden", outputs["sig"]["artifactId"])

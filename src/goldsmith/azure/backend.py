@@ -894,9 +894,10 @@ class AzureBackend:
         name = f"{self.plan.name}-{d.runOutputName}-{self.build.guid[:8]}.vhd"
         options = self.hook.blob_options()
         if d.uri:
-            if not d.uri.startswith("https://"):
-                raise BuildError(f"distribute.{d.runOutputName}.uri: '{d.uri}' must be an https:// blob or "
-                                 "container URL (for a local file, use the local backend)")
+            if not d.uri.startswith(("https://", "http://")):
+                raise BuildError(f"distribute.{d.runOutputName}.uri: '{d.uri}' must be a blob or container URL "
+                                 "(https://<account>.blob.core.windows.net/<container>[/<name>.vhd]); for a local "
+                                 "file, use the local backend")
             base, _, query = d.uri.partition("?")
             url = base if base.lower().endswith(".vhd") else f"{base.rstrip('/')}/{name}"
             url += f"?{query}" if query else ""
