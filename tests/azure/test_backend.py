@@ -162,3 +162,95 @@ def test_linux_build_customizes_over_ssh_and_distributes_everywhere(env, arm_dou
     vm_put = next(c for c in arm_double.calls if c.method == "PUT" and c.path.endswith("/virtualMachines/goldsmith-vm"))
     assert vm_put  # the VM was created once and deleted with the staging group (leftovers are checked after the test)
     arm_double.keep(f"{images}/providers/Microsoft.Compute/images/golden", outputs["sig"]["artifactId"])
+
+
+# --- a Windows build: Run Command ------------------------------------------------------------------------
+
+
+def test_windows_customizers_run_as_run_commands(env, arm_double, images, tmp_path, capsys):
+    payload = tmp_path / "tool.cfg"
+    payload.write_bytes(b"setting=1\n" * 50)
+    scripts: list[str] = []
+
+    def guest(vm: str, command_id: str, script: str, parameters: list) -> tuple[str, str]:
+        scripts.append(script)
+        if "LastBootUpTime" in script and "goldsmith-boot:" in script:
+            return "goldsmith-boot:2025-01-01T00:00:00.0000000Z\n", ""
+        if "Microsoft.Update.Session" in script:  # the first round wants a restart, the second finds nothing
+            rounds = sum("Microsoft.Update.Session" in s for s in scripts)
+            return ("installed 2 update(s)\ngoldsmith: reboot required\n" if rounds == 1 else
+                    "no updates to install\n"), ""
+        return f"ran {len(script)} bytes\n", ""
+
+    arm_double.windows_run_command = guest
+    build = make_build(tmp_path, {
+        "source": WINDOWS,
+        "customize": [
+            {"type": "PowerShell", "name": "settings", "inline": ["Set-Content C:\\marker.txt 'built'"],
+             "runElevated": True, "validExitCodes": [0, 3010]},
+            {"type": "File", "name": "config", "sourceUri": payload.as_uri(), "destination": "C:\\tool.cfg"},
+            {"type": "WindowsRestart", "restartCheckCommand": "echo back", "restartTimeout": "10m"},
+            {"type": "WindowsUpdate", "searchCriteria": "IsInstalled=0", "filters": ["exclude:$_.Title -like '*Preview*'",
+                                                                                  "include:$true"], "updateLimit": 40},
+        ],
+        "validate": {"inVMValidations": [{"type": "PowerShell", "name": "check", "inline": ["Test-Path C:\\marker.txt"]}]},
+        "distribute": [{"type": "SharedImage", "runOutputName": "sig",
+                        "galleryImageId": f"{images}/providers/Microsoft.Compute/galleries/golden/images/windows"}],
+    })
+    result = run_build(AzureBackend(build))
+
+    joined = "\n".join(scripts)
+    assert "Set-Content C:\\marker.txt 'built'" in scripts[0]
+    assert "setting=1" not in joined and "[Convert]::FromBase64String" in scripts[1]  # the File's bytes, encoded
+    assert "shutdown /r /f /t 0" in scripts[2] and "echo back" in scripts[3] and "AddSeconds(600)" in scripts[3]
+    update = next(s for s in scripts if "Microsoft.Update.Session" in s)
+    assert "Search('IsInstalled=0')" in update and "-ge 40" in update and "*Preview*" in update
+    assert sum("Microsoft.Update.Session" in s for s in scripts) == 2  # again after the restart it asked for
+    assert "Test-Path C:\\marker.txt" in scripts[-2] and "Sysprep.exe /oobe /generalize /quiet /quit" in scripts[-1]
+    assert "ran " in capsys.readouterr().out  # the trigger logs each Run Command's output (into the task log)
+    vm_body = next(c for c in arm_double.run_commands)  # every script went to the build VM
+    assert vm_body["vm"].endswith("/virtualMachines/goldsmith-vm")
+    assert result["outputs"]["sig"]["artifactId"].endswith("/images/windows/versions/0.0.1")
+    arm_double.keep(result["outputs"]["sig"]["artifactId"])
+
+
+def test_windows_network_allows_no_inbound_and_linux_only_ssh_from_the_configured_source(env, arm_double, tmp_path):
+    seen: dict[str, Any] = {}
+    for name, source in (("win", WINDOWS), ("lin", DEBIAN)):
+        backend = AzureBackend(make_build(tmp_path, {"source": source, "distribute": [
+            {"type": "VHD", "runOutputName": "vhd", "uri": "https://example.invalid/c"}]}, name=name))
+        resolved = backend.resolve_source()
+        drive(backend.prepare_staging)
+        try:
+            drive(lambda: backend.provision(resolved))
+            nsg = arm_double.get(f"{backend.group}/providers/Microsoft.Network/networkSecurityGroups/goldsmith-nsg")
+            seen[name] = nsg["properties"]["securityRules"]
+        finally:
+            drive(lambda: backend.cleanup(keep_vm=False))
+    assert seen["win"] == []
+    (rule,) = seen["lin"]
+    assert rule["properties"]["sourceAddressPrefix"] == "127.0.0.0/8"
+    assert rule["properties"]["destinationPortRange"] == "22" and rule["properties"]["access"] == "Allow"
+
+
+def test_a_failing_windows_validation_names_its_output(env, arm_double, tmp_path):
+    def guest(vm, command_id, script, parameters):
+        if "Test-Path" in script:
+            raise RuntimeError("marker missing")
+        return "", ""
+
+    arm_double.windows_run_command = guest
+    backend = AzureBackend(make_build(tmp_path, {
+        "source": WINDOWS,
+        "validate": {"inVMValidations": [{"type": "PowerShell", "name": "check", "inline": ["Test-Path C:\\m"]}]},
+        "distribute": [{"type": "VHD", "runOutputName": "vhd", "uri": "https://example.invalid/c"}]}))
+    source = backend.resolve_source()
+    drive(backend.prepare_staging)
+    try:
+        drive(lambda: backend.provision(source))
+        with pytest.raises(BuildError, match=r"(?s)validate.0_check: validation failed: .*exited with -1.*marker missing"):
+            drive(lambda: backend.validate(backend.build.plan.validate_steps()[0]))
+        commands = arm_double.resources()
+        assert not [c for c in commands if "/runCommands/" in c]  # removed, so a retry runs it again
+    finally:
+        drive(lambda: backend.cleanup(keep_vm=False))

@@ -427,7 +427,8 @@ class AzureBackend:
 
     def _vm_body(self, source: dict[str, Any]) -> dict[str, Any]:
         profile = self.props.vmProfile
-        os_disk: dict[str, Any] = {"name": OS_DISK, "createOption": "FromImage", "deleteOption": "Delete",
+        # OS disk and NIC stay when the VM goes: cleanup deletes them by name, the VHD step reads the disk.
+        os_disk: dict[str, Any] = {"name": OS_DISK, "createOption": "FromImage",
                                    "managedDisk": {"storageAccountType": "Standard_LRS"}}
         if profile and profile.osDiskSizeGB:
             os_disk["diskSizeGB"] = profile.osDiskSizeGB
@@ -450,7 +451,7 @@ class AzureBackend:
                     for i, d in enumerate(self.props.additionalDataDisks or []) if d.sizeGB]},
                 "osProfile": os_profile,
                 "networkProfile": {"networkInterfaces": [{"id": str(self._id(T_NIC, NIC)),
-                                                          "properties": {"primary": True, "deleteOption": "Delete"}}]},
+                                                          "properties": {"primary": True}}]},
             },
         }
         if profile and profile.userAssignedIdentities:
