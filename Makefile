@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the builds and the tests need (qemu, base-image bootstrap, ssh for the communicator).
 APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap genisoimage openssh-client openssh-server sudo \
-	e2fsprogs fdisk gdisk grub-pc-bin grub2-common mount util-linux
+	e2fsprogs fdisk gdisk grub-pc-bin grub2-common mount util-linux postgresql
 STAMP := $(VENV)/.installed
 
 .PHONY: setup apt demo test test-fast bench clean

@@ -149,7 +149,8 @@ class DistributeOperator(GoldsmithStepOperator):
         output = backend_for(build).distribute(step, source)
         # The asset event says which version this is and where it came from; rebuild chains and lineage read it.
         context["outlet_events"][self.outlets[0]].extra = {
-            **output, "type": step.item.type, "source": source, "templateDigest": build.plan.digest,
+            **output, "type": step.item.type, "version": lineage.image_version(output.get("artifactId")),
+            "source": source, "templateDigest": build.plan.digest,
             "dagRunId": build.run_id, "regions": [r.name for r in getattr(step.item, "targetRegions", None) or []],
             "startDate": context["ti"].start_date.isoformat() if context["ti"].start_date else None,
         }

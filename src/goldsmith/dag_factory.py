@@ -37,15 +37,16 @@ def templates_dir() -> Path:
 def build_dags(folder: Path | None = None) -> dict[str, DAG]:
     folder = folder or templates_dir()
     wanted = get_parsing_context().dag_id
+    assets: dict[str, Asset] = {}
     dags = {}
     for path in sorted(folder.glob("*.json")):
         if wanted and path.stem != wanted:
             continue
-        dags[path.stem] = make_dag(path)
+        dags[path.stem] = make_dag(path, assets)
     return dags
 
 
-def make_dag(path: Path) -> DAG:
+def make_dag(path: Path, assets: dict[str, Asset] | None = None) -> DAG:
     if not _DAG_ID.match(path.stem):
         return invalid_template_dag(path, [f"{path}: the file name is the DAG id: use only letters, digits, '_', '-', '.'"])
     try:
@@ -55,7 +56,7 @@ def make_dag(path: Path) -> DAG:
             raise TemplateError(path, problems)
     except TemplateError as e:
         return invalid_template_dag(path, str(e).splitlines())
-    return build_dag(loaded)
+    return build_dag(loaded, {} if assets is None else assets)
 
 
 class InvalidTemplateOperator(BaseOperator):
@@ -85,7 +86,7 @@ def invalid_template_dag(path: Path, problems: list[str]) -> DAG:
     return dag
 
 
-def build_dag(loaded: LoadedTemplate) -> DAG:
+def build_dag(loaded: LoadedTemplate, assets: dict[str, Asset]) -> DAG:
     t, o = loaded.template, loaded.options
     timeout = timedelta(minutes=t.properties.buildTimeoutInMinutes or 240)
     validation = t.properties.validate_
@@ -96,7 +97,7 @@ def build_dag(loaded: LoadedTemplate) -> DAG:
         loaded.name,
         description=o.description or _describe(loaded),
         doc_md=_doc_md(loaded),
-        schedule=schedule(loaded),
+        schedule=schedule(loaded, assets),
         start_date=START_DATE,
         catchup=False,
         max_active_runs=1,
@@ -154,7 +155,8 @@ def build_dag(loaded: LoadedTemplate) -> DAG:
             with TaskGroup("distribute"):
                 distribute = [
                     ops.DistributeOperator(task_id=s.local_id, run_output_name=s.name,
-                                           outlets=[target_asset(s.item, loaded.name)], **common)
+                                           outlets=[image_asset(lineage.target_uri(s.item, loaded.name), assets)],
+                                           **common)
                     for s in distribute_steps(t)
                 ]
             chain((validate or customize or [provision])[-1], generalize, capture, distribute)
@@ -164,24 +166,28 @@ def build_dag(loaded: LoadedTemplate) -> DAG:
     return dag
 
 
-def target_asset(distributor, template_name: str) -> Asset:
-    uri = lineage.target_uri(distributor, template_name)
-    return Asset(name=uri, uri=uri, group="image")
+def image_asset(uri: str, assets: dict[str, Asset]) -> Asset:
+    """The one Asset object for an image among the DAGs built together (`assets`, by URI).
+
+    Airflow keeps one definition of an asset, from whichever DAG of the file it reads last (in no set order),
+    so the producer's outlet must carry the watchers a consumer's schedule adds: one shared object does.
+    """
+    if uri not in assets:
+        assets[uri] = Asset(name=uri, uri=uri, group="image")
+    return assets[uri]
 
 
-def schedule(loaded: LoadedTemplate):
+def schedule(loaded: LoadedTemplate, assets: dict[str, Asset]):
     """The cron schedule, the source image's asset ("whenever the base changes"), or both."""
     t, o = loaded.template, loaded.options
     if not lineage.follows_source(t, o):
         return o.schedule
     source = t.properties.source
-    uri = lineage.source_uri(source)
-    watchers = []
+    asset = image_asset(lineage.source_uri(source), assets)
     if o.sourceTrigger:  # versions published outside Goldsmith: poll for them, as AIB's SourceImage trigger does
         trigger = SourceVersionTrigger(loaded.name, source.model_dump(mode="json", exclude_none=True),
                                        str(goldsmith_home()), o.sourcePollSeconds)
-        watchers.append(AssetWatcher(name=f"{loaded.name}-source", trigger=trigger))
-    asset = Asset(name=uri, uri=uri, group="image", watchers=watchers)
+        asset.watchers.append(AssetWatcher(name=f"{loaded.name}-source", trigger=trigger))
     if o.schedule:
         return AssetOrTimeSchedule(timetable=CronTriggerTimetable(o.schedule, timezone="UTC"), assets=asset)
     return asset

@@ -24,6 +24,12 @@ def image_uri(arm_id: str) -> str:
     return "arm:" + _VERSION_SUFFIX.sub("", arm_id.strip()).rstrip("/").lower()
 
 
+def image_version(artifact_id: str | None) -> str | None:
+    """The version (x.y.z) a gallery image version id names; None for managed images and VHDs."""
+    match = _VERSION_SUFFIX.search(artifact_id or "")
+    return match.group().rpartition("/")[2] if match else None
+
+
 def source_uri(source: Any) -> str:
     if source.type == "PlatformImage":
         return f"platform-image:{source.publisher}/{source.offer}/{source.sku}".lower()

@@ -2,7 +2,9 @@
 
 The trigger runs in the triggerer and polls the source's latest version. It fires once per new version (the
 versions it announced are remembered on disk, so a restarted triggerer does not announce them again) and, like
-AIB since 2024, stops firing after repeated failed builds until a build succeeds.
+AIB since 2024, stops firing after repeated failed builds until a build succeeds. It ignores versions that a
+Goldsmith DAG published: that DAG's distribute task has emitted their asset event already, and a second event
+would queue a second rebuild.
 """
 
 from __future__ import annotations
@@ -21,16 +23,23 @@ MAX_CONSECUTIVE_FAILURES = 3
 
 def latest_source_version(source: dict[str, Any], home: Path) -> str:
     """The exact version `latest` resolves to now, by the local catalog or gallery."""
+    return latest_source(source, home)[0]
+
+
+def latest_source(source: dict[str, Any], home: Path) -> tuple[str, dict[str, Any]]:
+    """The exact version `latest` resolves to now, and its provenance ({} for platform images)."""
     if source["type"] == "PlatformImage":
         from goldsmith.local import catalog
 
-        return catalog.resolve(source["publisher"], source["offer"], source["sku"], "latest").exact_version
+        return catalog.resolve(source["publisher"], source["offer"], source["sku"], "latest").exact_version, {}
     from goldsmith.local.gallery import LocalGallery
 
     gallery = LocalGallery(home / "gallery")
     if source["type"] == "ManagedImage":
-        return "sha256:" + gallery.resolve_managed_image(source["imageId"]).metadata["checksums"]["sha256"]
-    return gallery.resolve_image_version(source["imageVersionId"]).version
+        image = gallery.resolve_managed_image(source["imageId"])
+        return "sha256:" + image.metadata["checksums"]["sha256"], image.metadata["provenance"]
+    version = gallery.resolve_image_version(source["imageVersionId"])
+    return version.version, version.metadata["provenance"]
 
 
 def consecutive_failures(results: list[dict[str, Any]]) -> int:
@@ -62,7 +71,9 @@ class SourceVersionTrigger(BaseEventTrigger):
     def check(self) -> str | None:
         """The new version to announce now, if any (synchronous: runs in a worker thread)."""
         home = Path(self.home)
-        latest = latest_source_version(self.source, home)
+        latest, provenance = latest_source(self.source, home)
+        if provenance.get("dagId"):
+            return None  # a Goldsmith build published it, and its distribute task already emitted the asset event
         results = runoutputs.list_results(self.template, home=home)
         built = next((r["source"].get("exactVersion") for r in reversed(results) if r["succeeded"]), None)
         announced = json.loads(self._announced_file.read_text()).get("version") if self._announced_file.exists() else None
