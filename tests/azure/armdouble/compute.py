@@ -564,6 +564,7 @@ class RunCommand(_Compute):
 
 class Disk(_Compute):
     type = DISK
+    create_status, create_headers = 202, ("Azure-AsyncOperation", "Location")
 
     def validate(self, res, existing, group):
         if existing:

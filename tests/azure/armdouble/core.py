@@ -200,7 +200,8 @@ class ResourceType:
     type = ""  # canonical, e.g. Microsoft.Network/virtualNetworks
     tracked = True  # has location and tags (child resources like subnets do not)
     creating_state = "Creating"  # provisioningState while a PUT creates it (network says Updating)
-    create_status_monitor = True  # PUT answers 201 + Azure-AsyncOperation; else 202 + Location, no body
+    # How a PUT that creates it answers (ARM's services differ): status, polling headers, body or not.
+    create_status, create_headers, create_body = 201, ("Azure-AsyncOperation",), True
     synchronous_delete = False  # DELETE answers 200 at once instead of 202 + operation
 
     def __init__(self, double):

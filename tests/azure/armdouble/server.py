@@ -403,7 +403,7 @@ class ArmDouble:
             if created:
                 group = Resource(self._group_id(name), "Microsoft.Resources/resourceGroups", {
                     "id": self._group_id(name), "name": name, "type": "Microsoft.Resources/resourceGroups",
-                    "location": body["location"], "properties": {"provisioningState": "Succeeded"}})
+                    "location": _norm(body["location"]), "properties": {"provisioningState": "Succeeded"}})
                 self._groups[group.id.lower()] = group
             group.doc["tags"] = dict(body.get("tags") or {})
             if body.get("managedBy"):
@@ -550,7 +550,7 @@ class ArmDouble:
         def finish():
             handler.provision(res)
             res.properties["provisioningState"] = "Succeeded"
-            return None if handler.create_status_monitor else handler.view(res, {})
+            return handler.view(res, {}) if "Location" in handler.create_headers else None
 
         def failed():
             res.properties["provisioningState"] = "Failed"
@@ -558,12 +558,11 @@ class ArmDouble:
         verb = "create" if existing is None else "update"
         res.op = self.start_operation(f"{handler.type.split('/')[-1]}/{verb}", finish, on_failure=failed,
                                       ready=lambda: handler.ready(res))
-        location = self._location_of(res)
-        if not handler.create_status_monitor:
-            return Response(202, None, self.operation_headers(res.op, handler.namespace, location,
-                                                              status_monitor=False))
-        return Response(201 if existing is None else 200, handler.view(res, query),
-                        self.operation_headers(res.op, handler.namespace, location, location_header=False))
+        headers = self.operation_headers(res.op, handler.namespace, self._location_of(res),
+                                         status_monitor="Azure-AsyncOperation" in handler.create_headers,
+                                         location_header="Location" in handler.create_headers)
+        return Response(handler.create_status if existing is None else 200,
+                        handler.view(res, query) if handler.create_body else None, headers)
 
     def _patch(self, handler: ResourceType, res: Resource, body: dict, query) -> Response:
         if "tags" in body:

@@ -16,7 +16,7 @@ from .core import ArmError, Resource, ResourceType, Response, now_iso
 
 class StorageAccount(ResourceType):
     type = "Microsoft.Storage/storageAccounts"
-    create_status_monitor = False
+    create_status, create_headers, create_body = 202, ("Location",), False
     synchronous_delete = True
 
     def validate(self, res, existing, group):
