@@ -176,8 +176,8 @@ class Fault:
         if self.kind == "conflict":
             return ArmError(self.status or 409, self.code or "Conflict",
                             self.message or "The request conflicts with an operation in progress.")
-        if self.kind == "lro_failed":
-            return ArmError(self.status or 500, self.code or "InternalOperationError",
+        if self.kind == "lro_failed":  # the status shows only where a Location poll reports the failure
+            return ArmError(self.status or 400, self.code or "InternalOperationError",
                             self.message or "The operation failed (injected by the ARM test double).")
         return ArmError(self.status or 500, self.code or "InternalServerError",
                         self.message or "Encountered internal server error (injected by the ARM test double).")

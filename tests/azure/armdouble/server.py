@@ -55,8 +55,8 @@ class ArmDouble:
         self.client_id, self.client_secret = client_id, client_secret
         self.federated_token = "armdouble-federated-token"  # the client assertion workload identity sends
         self.blob_store = blob_store  # Azurite, for disk SAS grants and VHD sources; None: those fail
-        self.latency: dict[str, Latency] = {"*": Latency()}
         self._lock = threading.RLock()
+        self._tokens: dict[str, float] = {}  # kept across resets: clients cache their tokens
         self._types: dict[str, ResourceType] = {}
         for module in (network, compute, storage):
             for cls in module.TYPES:
@@ -109,14 +109,13 @@ class ArmDouble:
     # -- what tests use ----------------------------------------------------------------------
 
     def reset(self) -> None:
-        """Forget every resource, operation, fault and recorded call (VMs are powered off)."""
+        """Forget every resource, operation, fault, latency and recorded call (VMs are powered off)."""
         with self._lock:
             if hasattr(self, "_resources"):
                 self._clear()
             self._resources: dict[str, Resource] = {}
             self._groups: dict[str, Resource] = {}
             self._ops: dict[str, Operation] = {}
-            self._tokens: dict[str, float] = {}
             self._kept: list[str] = []
             self.faults: list[Fault] = []
             self.calls: list[Call] = []
@@ -124,7 +123,7 @@ class ArmDouble:
             self.run_commands: list[dict] = []
             self.windows_run_command = lambda vm, command_id, script, parameters: ("", "")
             self.addresses: set[str] = set()
-            self.latency = {"*": self.latency["*"]}
+            self.latency: dict[str, Latency] = {"*": Latency()}
             self._lro_fault: Fault | None = None
 
     def _clear(self) -> None:
@@ -152,10 +151,10 @@ class ArmDouble:
     def get(self, resource_id: str) -> dict | None:
         """A resource (or group) as GET would return it (without counting a poll), or None."""
         with self._lock:
-            res = self._groups.get(resource_id.lower()) or self._resources.get(resource_id.lower())
-            if res is None:
-                return None
-            return self._group_view(res) if res in self._groups.values() else self._view(res, {})
+            if group := self._groups.get(resource_id.lower()):
+                return copy.deepcopy(group.doc)
+            res = self._resources.get(resource_id.lower())
+            return self._types[res.type.lower()].view(res, {}) if res else None
 
     def seed(self, resource_id: str, body: dict) -> dict:
         """Create a resource (or group) directly, as if it existed before the test, and return it.
@@ -210,15 +209,16 @@ class ArmDouble:
                 raise fault.error()
             with self._lock:
                 self._lro_fault = fault if fault and fault.kind == "lro_failed" else None
-                response = self._serve(method, path, query, headers, raw_body)
+                try:
+                    response = self._serve(method, path, query, headers, raw_body)
+                finally:
+                    self._lro_fault = None
         except ArmError as e:
             response = Response(e.status, e.body(), e.headers)
         except Exception:
             self.internal_errors.append(f"{method} {raw_path}\n{traceback.format_exc()}")
             response = Response(500, {"error": {"code": "InternalServerError",
                                                 "message": "ARM test double bug; see arm_double.internal_errors"}})
-        finally:
-            self._lro_fault = None
         call.status = response.status
         if fault and fault.kind == "drop_after":
             raise _Drop()
@@ -262,7 +262,7 @@ class ArmDouble:
 
         def refuse(status, error, description):
             return Response(status, {"error": error, "error_description": description,
-                                     "error_codes": [int(description[6:12])]})
+                                     "error_codes": [int(re.match(r"AADSTS(\d+)", description).group(1))]})
 
         if tenant not in (self.tenant_id, "organizations"):
             return refuse(400, "invalid_request", f"AADSTS900023: Specified tenant identifier '{tenant}' "
@@ -375,10 +375,12 @@ class ArmDouble:
     def _group_id(self, name: str) -> str:
         return f"/subscriptions/{self.subscription_id}/resourceGroups/{name}"
 
-    def _group_view(self, group: Resource) -> dict:
-        if group.op:
-            group.op.poll()
-        return copy.deepcopy(group.doc)
+    def _advance(self, res: Resource) -> bool:
+        """A look at a resource counts as a poll of its pending operation (so a client that watches
+        provisioningState sees it progress); False if that completed a delete."""
+        if res.op:
+            res.op.poll()
+        return res.id.lower() in self._resources or res.id.lower() in self._groups
 
     def _group_request(self, method: str, name: str, body) -> Response:
         group = self._groups.get(self._group_id(name).lower())
@@ -408,17 +410,19 @@ class ArmDouble:
             group.doc["tags"] = dict(body.get("tags") or {})
             if body.get("managedBy"):
                 group.doc["managedBy"] = body["managedBy"]
-            return Response(201 if created else 200, self._group_view(group))
+            return Response(201 if created else 200, copy.deepcopy(group.doc))
         if group is None:
             if method == "DELETE":
                 return Response(404, group_not_found(name).body())
             raise group_not_found(name)
         if method == "GET":
-            return Response(200, self._group_view(group))
+            if not self._advance(group):
+                raise group_not_found(name)
+            return Response(200, copy.deepcopy(group.doc))
         if method == "PATCH":
             if body and "tags" in body:
                 group.doc["tags"] = dict(body["tags"] or {})
-            return Response(200, self._group_view(group))
+            return Response(200, copy.deepcopy(group.doc))
         if method == "DELETE":
             if group.op and not group.op.done:  # a second delete joins the first
                 op = group.op
@@ -439,7 +443,8 @@ class ArmDouble:
 
     def _list_groups(self, query: dict) -> list[dict]:
         match = _tag_filter(query.get("$filter"))
-        return [self._group_view(g) for g in self._groups.values() if match(g.doc.get("tags") or {})]
+        return [copy.deepcopy(g.doc) for g in list(self._groups.values())
+                if self._advance(g) and match(g.doc.get("tags") or {})]
 
     def _list_group_resources(self, group: Resource) -> list[dict]:
         prefix = group.id.lower() + "/"
@@ -464,19 +469,14 @@ class ArmDouble:
     def find_all(self, type_: str) -> list[Resource]:
         return [r for r in self._resources.values() if r.type.lower() == type_.lower()]
 
-    def _view(self, res: Resource, query: dict) -> dict:
-        if res.op:
-            res.op.poll()
-        return self._types[res.type.lower()].view(res, query)
-
     def _list(self, type_: str, scope: str | None, query: dict) -> list[dict]:
         handler = self._types.get(type_.lower())
         if handler is None:
             raise ArmError(400, "InvalidResourceType", f"The resource type '{type_}' is not implemented by the "
                            "ARM test double (tests/azure/armdouble).")
         scope = (scope or f"/subscriptions/{self.subscription_id}/").lower()
-        return [self._view(r, query) for r in list(self._resources.values())
-                if r.type.lower() == type_.lower() and r.id.lower().startswith(scope)]
+        return [handler.view(r, query) for r in list(self._resources.values())
+                if r.type.lower() == type_.lower() and r.id.lower().startswith(scope) and self._advance(r)]
 
     def _resource_request(self, method, group: Resource, namespace: str, seg: list[str], query, body) -> Response:
         types, names = seg[0::2], seg[1::2]
@@ -513,9 +513,9 @@ class ArmDouble:
                                "by the ARM test double (tests/azure/armdouble).")
             return fn(res, query, body or {})
         if method == "GET":
-            if res is None:
+            if res is None or not self._advance(res):
                 raise not_found(handler.type, names[-1], group.name)
-            return Response(200, self._view(res, query))
+            return Response(200, handler.view(res, query))
         if method == "PUT":
             return self._put(handler, rid, group, names[-1], res, body or {}, query)
         if method == "PATCH":
