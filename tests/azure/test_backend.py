@@ -254,3 +254,83 @@ def test_a_failing_windows_validation_names_its_output(env, arm_double, tmp_path
         assert not [c for c in commands if "/runCommands/" in c]  # removed, so a retry runs it again
     finally:
         drive(lambda: backend.cleanup(keep_vm=False))
+
+
+# --- faults: each ends in success after a retry, or in a clear failure with nothing left behind ----------
+
+
+def quick_build(tmp_path: Path, images: str, name: str = "quick", run_id: str = "manual__1") -> Build:
+    """A Linux build without customizers, to a managed image: the shortest path through every step."""
+    return make_build(tmp_path, {"source": DEBIAN, "distribute": [
+        {"type": "ManagedImage", "runOutputName": "managed", "location": LOCATION,
+         "imageId": f"{images}/providers/Microsoft.Compute/images/{name}"}]}, name=name, run_id=run_id)
+
+
+def with_retries(call: Callable[[], Any], tries: int = 3) -> Any:
+    """What Airflow does with a step's task: a BuildError fails it for good, anything else is retried."""
+    for attempt in range(1, tries + 1):
+        try:
+            return drive(call)
+        except BuildError:
+            raise
+        except Exception as e:
+            if attempt == tries:
+                raise
+            logging.getLogger("test.build").warning("try %d failed (%s): retrying", attempt, e)
+
+
+def run_build_with_retries(backend: AzureBackend) -> dict[str, Any]:
+    source = backend.resolve_source()
+    plan = backend.build.plan
+    try:
+        with_retries(backend.prepare_staging)
+        with_retries(lambda: backend.provision(source))
+        with_retries(backend.generalize)
+        with_retries(backend.capture)
+        return {s.name: with_retries(lambda: backend.distribute(s, source)) for s in plan.distribute_steps()}
+    finally:
+        with_retries(lambda: backend.cleanup(keep_vm=False))
+
+
+@pytest.mark.parametrize("fault", [
+    {"kind": "throttle", "method": "PUT", "path": "/virtualMachines/goldsmith-vm$", "retry_after": 1},
+    {"kind": "error", "method": "PUT", "path": "/networkInterfaces/goldsmith-nic$", "times": 2},
+    {"kind": "error", "method": "GET", "path": "/operations/", "times": 3},
+    {"kind": "drop", "method": "PUT", "path": "/publicIPAddresses/goldsmith-pip$"},
+    {"kind": "slow", "method": "GET", "path": "/virtualMachines/goldsmith-vm/instanceView$", "delay": 2},
+], ids=lambda f: f"{f['kind']}-{f['method']}")
+def test_transient_faults_are_retried_by_the_clients(env, arm_double, images, tmp_path, fault):
+    injected = arm_double.inject(**fault)
+    outputs = run_build_with_retries(AzureBackend(quick_build(tmp_path, images)))
+    assert injected.hits == fault.get("times", 1)
+    assert outputs["managed"]["artifactId"].endswith("/images/quick")
+    arm_double.keep(outputs["managed"]["artifactId"])
+
+
+@pytest.mark.parametrize("fault", [
+    {"kind": "conflict", "method": "PUT", "path": "/images/goldsmith-image$", "code": "AnotherOperationInProgress"},
+    {"kind": "lro_failed", "method": "PUT", "path": "/virtualMachines/goldsmith-vm$", "code": "OSProvisioningTimedOut"},
+    {"kind": "drop_after", "method": "PUT", "path": "/virtualMachines/goldsmith-vm$"},
+], ids=lambda f: f["kind"])
+def test_faults_that_fail_a_try_succeed_on_the_tasks_retry(env, arm_double, images, tmp_path, fault, caplog):
+    injected = arm_double.inject(**fault)
+    outputs = run_build_with_retries(AzureBackend(quick_build(tmp_path, images)))
+    assert injected.hits == 1
+    assert "retrying" in caplog.text  # it did take a task retry
+    assert outputs["managed"]["artifactId"].endswith("/images/quick")
+    arm_double.keep(outputs["managed"]["artifactId"])
+
+
+def test_a_lasting_failure_fails_clearly_and_cleanup_removes_everything(env, arm_double, images, tmp_path):
+    arm_double.inject("lro_failed", "PUT", "/virtualMachines/goldsmith-vm$", times=10, code="SkuNotAvailable",
+                      message="The requested size for resource is currently not available in location 'westus2'")
+    with pytest.raises(RuntimeError, match="build VM: operation Failed: SkuNotAvailable: The requested size"):
+        run_build_with_retries(AzureBackend(quick_build(tmp_path, images)))
+    assert arm_double.leftovers() == []  # the staging group and all in it are gone
+
+
+def test_throttled_polling_with_retry_after_is_honoured(env, arm_double, images, tmp_path):
+    injected = arm_double.inject("throttle", "GET", "/operations/", times=2, retry_after=1)
+    outputs = run_build_with_retries(AzureBackend(quick_build(tmp_path, images)))
+    assert injected.hits == 2
+    arm_double.keep(outputs["managed"]["artifactId"])

@@ -238,7 +238,9 @@ async def check(clients: ArmClients, wait: Wait, blob_check: Callable[..., Any] 
     """One look at a wait (aio clients)."""
     if wait.operation:
         op = await operation_status(clients, wait.operation)
-        if op is not None and (op.error or not op.done):
+        if op is not None and op.error:
+            return Progress(True, f"{wait.label}: {op.error}")
+        if op is not None and not op.done:
             return op
     if wait.kind == "blob_copy":
         assert blob_check is not None
