@@ -10,6 +10,8 @@ import asyncio
 import datetime
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -334,3 +336,52 @@ def test_throttled_polling_with_retry_after_is_honoured(env, arm_double, images,
     outputs = run_build_with_retries(AzureBackend(quick_build(tmp_path, images)))
     assert injected.hits == 2
     arm_double.keep(outputs["managed"]["artifactId"])
+
+
+# --- a worker killed mid-step -----------------------------------------------------------------------------
+
+WORKER = """
+import asyncio, logging, sys
+logging.basicConfig(level=logging.INFO)
+from goldsmith.azure.backend import AzureBackend
+from goldsmith.build import Build, Pending
+from goldsmith.operators.steps import _first_event
+from goldsmith.template.loader import load_template
+from goldsmith.template.plan import make_plan
+
+backend = AzureBackend(Build(make_plan(load_template(sys.argv[1])), "quick", "manual__1", {}))
+source = backend.resolve_source()
+while True:
+    try:
+        backend.provision(source)
+        break
+    except Pending as pending:
+        print("PENDING", pending.ids["waiting_for"], flush=True)
+        asyncio.run(_first_event(pending.trigger))
+"""
+
+
+def test_a_killed_worker_is_reattached_on_retry_not_resubmitted(env, arm_double, images, tmp_path, caplog):
+    build = quick_build(tmp_path, images)
+    backend = AzureBackend(build)
+    drive(backend.prepare_staging)
+    arm_double.set_latency("virtualMachines/create", seconds=6, polls=1)
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path / "quick.json")], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in worker.stdout:  # wait until it waits on the VM, then kill it
+            if line.startswith("PENDING build VM"):
+                break
+        else:
+            pytest.fail(f"the worker never waited on the VM (exit {worker.wait()})")
+    finally:
+        worker.kill()
+        worker.wait()
+    caplog.set_level(logging.INFO)
+    try:
+        result = drive(lambda: backend.provision(backend.resolve_source()))  # the task's retry
+        assert result["vm"].endswith("/virtualMachines/goldsmith-vm")
+        assert "build VM is Creating: waiting for it (an earlier try started it)" in caplog.text
+        assert puts(arm_double, "/virtualMachines/goldsmith-vm") == 1
+    finally:
+        drive(lambda: backend.cleanup(keep_vm=False))
