@@ -1,0 +1,71 @@
+"""Whole azure builds through real Airflow (`airflow dags test`): the DAG factory, the operators deferring to
+the trigger (run inline by dags test), XCom, the teardown, run outputs, against the ARM double."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from goldsmith.airflow_env import AIRFLOW, airflow_environ, prepare
+
+pytestmark = pytest.mark.airflow
+
+LOCATION = "westus2"
+GOLDSMITH = str(Path(AIRFLOW).with_name("goldsmith"))
+
+
+@pytest.fixture
+def airflow_env(azure_connection, arm_double, tmp_path) -> dict[str, str]:
+    conn = json.loads(azure_connection.json)
+    conn["extra"].update(goldsmith_ssh_source="127.0.0.0/8", goldsmith_poll_interval="0.05")
+    group = f"/subscriptions/{arm_double.subscription_id}/resourceGroups/images"
+    arm_double.seed(group, {"location": LOCATION})
+    arm_double.seed(f"{group}/providers/Microsoft.Compute/galleries/golden", {"location": LOCATION})
+    arm_double.seed(f"{group}/providers/Microsoft.Compute/galleries/golden/images/linux", {
+        "location": LOCATION, "properties": {"osType": "Linux", "osState": "Generalized", "hyperVGeneration": "V1",
+                                             "identifier": {"publisher": "goldsmith", "offer": "linux", "sku": "1"}}})
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    env = airflow_environ(tmp_path / "airflow", templates, tmp_path / "home")
+    env.update({"AIRFLOW_CONN_AZURE_DEFAULT": json.dumps(conn), "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": "True",
+                "GROUP": group})
+    prepare(env)
+    return env
+
+
+def write_template(env: dict[str, str], name: str, properties: dict, **options) -> None:
+    body = {"location": LOCATION, "properties": properties, "goldsmith": {"backend": "azure", "retries": 1,
+                                                                         "retryDelaySeconds": 1, **options}}
+    (Path(env["GOLDSMITH_TEMPLATES"]) / f"{name}.json").write_text(json.dumps(body, indent=2))
+
+
+def dags_test(env: dict[str, str], dag_id: str) -> subprocess.CompletedProcess:
+    return subprocess.run([AIRFLOW, "dags", "test", dag_id], env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_linux_build_through_airflow_with_deferred_steps(airflow_env, arm_double):
+    env, group = airflow_env, airflow_env["GROUP"]
+    definition = f"{group}/providers/Microsoft.Compute/galleries/golden/images/linux"
+    write_template(env, "az-linux", {
+        "source": {"type": "PlatformImage", "publisher": "Debian", "offer": "debian-12", "sku": "12",
+                   "version": "latest"},
+        "customize": [{"type": "Shell", "name": "hello", "inline": ["echo streamed-from-the-azure-vm",
+                                                                    "sudo touch /etc/goldsmith"]}],
+        "validate": {"inVMValidations": [{"type": "Shell", "name": "check", "inline": ["test -f /etc/goldsmith"]}]},
+        "distribute": [{"type": "SharedImage", "runOutputName": "sig", "galleryImageId": definition,
+                        "targetRegions": [{"name": LOCATION}, {"name": "eastus"}]}],
+    })
+    result = dags_test(env, "az-linux")
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-8000:]
+    assert "streamed-from-the-azure-vm" in log
+    assert "[DAG TEST] running trigger in line" in log  # the steps deferred to the trigger
+    outputs = json.loads(subprocess.run([GOLDSMITH, "run-outputs", "az-linux", "--json"], env=env, check=True,
+                                        capture_output=True, text=True).stdout)["value"]
+    (sig,) = outputs
+    assert sig["properties"]["artifactId"] == f"{definition}/versions/0.0.1"
+    arm_double.keep(sig["properties"]["artifactId"])
