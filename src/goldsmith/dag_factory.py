@@ -18,6 +18,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from airflow.sdk.bases.operator import BaseOperator
 
 from goldsmith import lineage
+from goldsmith.azure.janitor import JANITOR_DAG_ID, janitor_dag
 from goldsmith.operators import steps as ops
 from goldsmith.settings import goldsmith_home
 from goldsmith.template.loader import LoadedTemplate, TemplateError, load_template
@@ -43,6 +44,9 @@ def build_dags(folder: Path | None = None) -> dict[str, DAG]:
         if wanted and path.stem != wanted:
             continue
         dags[path.stem] = make_dag(path, assets)
+    # Azure builds get a janitor for the staging resources a build could not clean up itself.
+    if wanted == JANITOR_DAG_ID or (not wanted and any("backend:azure" in d.tags for d in dags.values())):
+        dags[JANITOR_DAG_ID] = janitor_dag(folder, START_DATE)
     return dags
 
 

@@ -108,6 +108,30 @@ def azure_credentials(arm_double) -> AzureCredentials:
                             str(arm_double.ca_path), arm_double.federated_token)
 
 
+@pytest.fixture
+def managed_identity_env(arm_double, monkeypatch) -> dict[str, str]:
+    """IDENTITY_ENDPOINT and IDENTITY_HEADER (App Service's managed identity protocol) set to the double:
+    ManagedIdentityCredential / DefaultAzureCredential get tokens from it (pass connection_verify)."""
+    env = {"IDENTITY_ENDPOINT": f"{arm_double.endpoint}/msi/token", "IDENTITY_HEADER": arm_double.identity_header}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture
+def workload_identity_env(arm_double, monkeypatch, tmp_path) -> dict[str, str]:
+    """AZURE_TENANT_ID, AZURE_CLIENT_ID, AZURE_FEDERATED_TOKEN_FILE and AZURE_AUTHORITY_HOST set as AKS
+    workload identity sets them, for the double: WorkloadIdentityCredential gets tokens from it (pass
+    disable_instance_discovery=True and connection_verify)."""
+    token_file = tmp_path / "federated-token"
+    token_file.write_text(arm_double.federated_token)
+    env = {"AZURE_TENANT_ID": arm_double.tenant_id, "AZURE_CLIENT_ID": arm_double.client_id,
+           "AZURE_FEDERATED_TOKEN_FILE": str(token_file), "AZURE_AUTHORITY_HOST": arm_double.authority}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
 @dataclass(frozen=True)
 class AzureConnection:
     """An Airflow connection of the provider's `azure` type for the double, already set in the

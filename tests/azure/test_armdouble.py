@@ -14,7 +14,8 @@ import pytest
 import requests
 from azure.core.exceptions import (ClientAuthenticationError, HttpResponseError, ResourceNotFoundError,
                                    ServiceRequestError, ServiceResponseError)
-from azure.identity import ClientAssertionCredential, ClientSecretCredential
+from azure.identity import (ClientAssertionCredential, ClientSecretCredential, ManagedIdentityCredential,
+                            WorkloadIdentityCredential)
 from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.network import NetworkManagementClient
 from azure.mgmt.resource.resources import ResourceManagementClient
@@ -137,6 +138,15 @@ def test_client_secret_and_assertion_credentials_get_tokens(azure_credentials):
                                           authority=c.authority, disable_instance_discovery=True,
                                           connection_verify=c.ca_bundle)
     assert assertion.get_token("https://management.azure.com/.default").token
+
+
+def test_managed_and_workload_identities_get_tokens_arm_accepts(azure_credentials, managed_identity_env,
+                                                                 workload_identity_env):
+    c = azure_credentials
+    for credential in (ManagedIdentityCredential(connection_verify=c.ca_bundle),
+                       WorkloadIdentityCredential(disable_instance_discovery=True, connection_verify=c.ca_bundle)):
+        client = ResourceManagementClient(credential, c.subscription_id, **c.client_kwargs())
+        assert list(client.resource_groups.list()) == []
 
 
 def test_wrong_secret_and_missing_token_are_refused(azure_credentials, arm_double):

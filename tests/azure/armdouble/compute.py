@@ -17,8 +17,8 @@ import uuid
 from dataclasses import dataclass, field
 
 from .azurite import fixed_vhd, vhd_problem
-from .core import ArmError, Resource, ResourceType, Response, new_guid, not_found, now_iso
-from .network import NetworkInterface, PublicIPAddress, ip_configurations, ref, same
+from .core import ArmError, Resource, ResourceType, Response, new_guid, norm_location, now_iso
+from .network import NetworkInterface, ip_configurations, ref, same
 from .vmhost import VmHost
 
 VM = "Microsoft.Compute/virtualMachines"
@@ -190,8 +190,8 @@ class _Compute(ResourceType):
         if target is None or "source" not in target.state:
             raise ArmError(404, "NotFound", f"The {what} '{source_id}' cannot be found in '{location}' region.")
         if target.type.lower() == GALLERY_VERSION.lower():
-            regions = [_norm(r["name"]) for r in target.properties["publishingProfile"]["targetRegions"]]
-            if _norm(location) not in regions:
+            regions = [norm_location(r["name"]) for r in target.properties["publishingProfile"]["targetRegions"]]
+            if norm_location(location) not in regions:
                 raise ArmError(404, "NotFound", f"The {what} '{source_id}' cannot be found in '{location}' region: "
                                f"it is replicated to {', '.join(regions)}.")
         return dataclasses.replace(_source_state(target))
@@ -209,10 +209,6 @@ class _Compute(ResourceType):
             raise ArmError(400, "InvalidParameter", f"The blob '{uri}' does not exist.")
         if problem := vhd_problem(*found):
             raise ArmError(400, "BadRequest", f"Blob '{uri}': {problem}")
-
-
-def _norm(location: str) -> str:
-    return location.replace(" ", "").lower()
 
 
 # -- run commands ------------------------------------------------------------------------------
@@ -795,7 +791,7 @@ class GalleryImageVersion(_Compute):
         for region in regions:
             region.setdefault("regionalReplicaCount", replicas)
             region.setdefault("storageAccountType", storage_type)
-        if _norm(location) not in [_norm(r["name"]) for r in regions]:
+        if norm_location(location) not in [norm_location(r["name"]) for r in regions]:
             raise ArmError(400, "InvalidParameter", f"The gallery image version's location '{location}' must be one of "
                            "its target regions.")
         publishing.update(targetRegions=regions, replicaCount=replicas, storageAccountType=storage_type,

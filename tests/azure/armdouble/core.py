@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def norm_location(location: str) -> str:
+    """ARM answers with the normalized region name: 'West US 2' -> 'westus2'."""
+    return location.replace(" ", "").lower()
+
+
 def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
 

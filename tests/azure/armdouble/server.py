@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, parse_qsl, unquote, urlsplit
 
 from .core import (ArmError, Fault, Latency, Operation, Resource, ResourceType, Response, group_not_found,
-                   new_guid, not_found, seconds_header)
+                   new_guid, norm_location, not_found, seconds_header)
 from .tls import make_server_context
 
 TENANT_ID = "72f988bf-86f1-41af-91ab-2d7cd011db47"
@@ -54,6 +54,7 @@ class ArmDouble:
         self.tenant_id, self.subscription_id = tenant_id, subscription_id
         self.client_id, self.client_secret = client_id, client_secret
         self.federated_token = "armdouble-federated-token"  # the client assertion workload identity sends
+        self.identity_header = "armdouble-identity-header"  # managed identity's IDENTITY_HEADER secret
         self.blob_store = blob_store  # Azurite, for disk SAS grants and VHD sources; None: those fail
         self._lock = threading.RLock()
         self._tokens: dict[str, float] = {}  # kept across resets: clients cache their tokens
@@ -229,6 +230,8 @@ class ArmDouble:
             return self._openid_configuration(m.group(1))
         if m := re.fullmatch(r"/([^/]+)/oauth2/v2\.0/token", path):
             return self._token(m.group(1), raw_body)
+        if path == "/msi/token":
+            return self._managed_identity_token(headers, query)
         self._authorize(headers)
         if "api-version" not in query:
             raise ArmError(400, "MissingApiVersionParameter",
@@ -241,7 +244,7 @@ class ArmDouble:
                 raise ArmError(400, "InvalidRequestContent", f"The request content was invalid: {e}")
         return self._route(method, path, query, body)
 
-    # -- Entra ID (azure-identity's client secret and client assertion flows) ----------------
+    # -- Entra ID (client secret and client assertion flows) and managed identity ---------------
 
     def _openid_configuration(self, tenant: str) -> Response:
         base = f"{self.endpoint}/{tenant}"
@@ -278,10 +281,22 @@ class ArmDouble:
         if not (secret_ok or assertion_ok):
             return refuse(401, "invalid_client", "AADSTS7000215: Invalid client secret provided. Ensure the "
                           "secret being sent in the request is the client secret value, not the client secret ID.")
+        return Response(200, {"token_type": "Bearer", "expires_in": TOKEN_LIFETIME,
+                               "ext_expires_in": TOKEN_LIFETIME, "access_token": self._issue_token()})
+
+    def _managed_identity_token(self, headers, query: dict) -> Response:
+        """The managed identity endpoint of App Service/Functions/Arc (IDENTITY_ENDPOINT, IDENTITY_HEADER),
+        which azure-identity's ManagedIdentityCredential uses when those variables are set."""
+        if headers.get("X-IDENTITY-HEADER") != self.identity_header:
+            return Response(401, {"error": "invalid_request", "error_description": "X-IDENTITY-HEADER is wrong."})
+        token = self._issue_token()
+        return Response(200, {"access_token": token, "expires_on": str(int(time.time()) + TOKEN_LIFETIME),
+                              "resource": query.get("resource", ""), "token_type": "Bearer"})
+
+    def _issue_token(self) -> str:
         token = "armdouble." + secrets.token_urlsafe(24)
         self._tokens[token] = time.time() + TOKEN_LIFETIME
-        return Response(200, {"token_type": "Bearer", "expires_in": TOKEN_LIFETIME,
-                               "ext_expires_in": TOKEN_LIFETIME, "access_token": token})
+        return token
 
     def _authorize(self, headers) -> None:
         auth = headers.get("Authorization") or ""
@@ -394,7 +409,7 @@ class ArmDouble:
                 raise ArmError(409, "ResourceGroupBeingDeleted",
                                f"The resource group '{group.name}' is in deprovisioning state and cannot perform "
                                "this operation.")
-            if group and _norm(group.doc["location"]) != _norm(body["location"]):
+            if group and norm_location(group.doc["location"]) != norm_location(body["location"]):
                 raise ArmError(409, "InvalidResourceGroupLocation",
                                f"Invalid resource group location '{body['location']}'. The Resource group already "
                                f"exists in location '{group.doc['location']}'.")
@@ -405,7 +420,7 @@ class ArmDouble:
             if created:
                 group = Resource(self._group_id(name), "Microsoft.Resources/resourceGroups", {
                     "id": self._group_id(name), "name": name, "type": "Microsoft.Resources/resourceGroups",
-                    "location": _norm(body["location"]), "properties": {"provisioningState": "Succeeded"}})
+                    "location": norm_location(body["location"]), "properties": {"provisioningState": "Succeeded"}})
                 self._groups[group.id.lower()] = group
             group.doc["tags"] = dict(body.get("tags") or {})
             if body.get("managedBy"):
@@ -536,7 +551,7 @@ class ArmDouble:
         if handler.tracked:
             if not body.get("location"):
                 raise ArmError(400, "LocationRequired", "The location property is required for this definition.")
-            doc["location"] = _norm(body["location"])
+            doc["location"] = norm_location(body["location"])
             doc["tags"] = dict(body.get("tags") or {})
         for key in ("sku", "plan", "identity", "zones", "kind", "extendedLocation"):
             if key in body:
@@ -601,18 +616,13 @@ class ArmDouble:
     def _location_of(self, res: Resource) -> str:
         top = res.id.split("/")[:9]  # /subscriptions/s/resourceGroups/g/providers/ns/type/name
         owner = self._resources.get("/".join(top).lower())
-        return _norm((owner or res).doc.get("location") or "westus2")
+        return norm_location((owner or res).doc.get("location") or "westus2")
 
 
 def _initial_retry_after(op: Operation) -> str:
     """Whole seconds: some SDK operations parse the first response's Retry-After as an int (pollers
     poll once at once, then honour the poll responses' Retry-After, which may be a fraction)."""
     return str(int(op.latency.retry_after))
-
-
-def _norm(location: str) -> str:
-    """ARM answers with the normalized region name: 'West US 2' -> 'westus2'."""
-    return location.replace(" ", "").lower()
 
 
 def _tag_filter(expression: str | None):
