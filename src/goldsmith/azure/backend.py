@@ -360,6 +360,7 @@ class AzureBackend:
                     self._wait_for("network interface", [self._ensure(T_NIC, NIC, "network interface", self._nic_body)])
                     self.log.info("creating build VM %s (%s) from %s", VM, self._vm_size(source), source["id"])
                 self._wait_for("build VM", [self._ensure(T_VM, VM, "build VM", lambda: self._vm_body(source))])
+            self._tag_os_disk()
             address = self._address()
         if source["osType"] == "Linux":
             started = time.monotonic()
@@ -367,6 +368,12 @@ class AzureBackend:
                 pass
             self.log.info("build VM ready: ssh %s@%s after %.0f s", BUILD_USER, address, time.monotonic() - started)
         return {"vm": str(self._id(T_VM, VM)), "address": address, "osType": source["osType"]}
+
+    def _tag_os_disk(self) -> None:
+        """ARM creates the OS disk with the VM, untagged: tag it, so that cleanup knows it is this run's."""
+        disk = arm.get(self.arm, self._id(T_DISK, OS_DISK)) or {}
+        if disk and not self._ours(disk.get("tags")):
+            self.arm.compute.disks.begin_update(self.rg, OS_DISK, {"tags": self._tags()}).result()
 
     def _network(self, windows_vm: bool) -> list[Wait | None]:
         if self._subnet_id:
