@@ -385,3 +385,180 @@ def test_a_killed_worker_is_reattached_on_retry_not_resubmitted(env, arm_double,
         assert puts(arm_double, "/virtualMachines/goldsmith-vm") == 1
     finally:
         drive(lambda: backend.cleanup(keep_vm=False))
+
+
+# --- staging groups, errorHandling ------------------------------------------------------------------------
+
+
+def test_a_named_empty_staging_group_keeps_its_own_resources_and_tags(env, arm_double, images, tmp_path):
+    group = f"/subscriptions/{arm_double.subscription_id}/resourceGroups/team-staging"
+    arm_double.seed(group, {"location": LOCATION, "tags": {"owner": "team"}})
+    build = make_build(tmp_path, {**quick_build(tmp_path, images).plan.template.properties.model_dump(
+        mode="json", by_alias=True, exclude_none=True), "stagingResourceGroup": group}, name="quick")
+    outputs = run_build_with_retries(AzureBackend(build))
+    assert [r for r in arm_double.resources() if r.startswith(group)] == [group]  # only what the build made went
+    tags = arm_double.get(group)["tags"]
+    assert tags["owner"] == "team" and tags["usedBy"] == "goldsmith" and tags["imageTemplateName"] == "quick"
+    assert not [k for k in tags if k.startswith("goldsmith.")]
+    arm_double.keep(outputs["managed"]["artifactId"])
+
+
+def test_a_named_staging_group_must_be_empty_and_in_the_build_region(env, arm_double, images, tmp_path):
+    group = f"/subscriptions/{arm_double.subscription_id}/resourceGroups/busy"
+    arm_double.seed(group, {"location": LOCATION})
+    arm_double.seed(f"{group}/providers/Microsoft.Network/networkSecurityGroups/theirs", {"location": LOCATION})
+    far = f"/subscriptions/{arm_double.subscription_id}/resourceGroups/far"
+    arm_double.seed(far, {"location": "eastus"})
+    props = {"source": DEBIAN, "distribute": [{"type": "VHD", "runOutputName": "v", "uri": "https://x.invalid/c"}]}
+    with pytest.raises(BuildError, match=r"stagingResourceGroup: .*/busy must be empty, as AIB requires; it holds 1"):
+        AzureBackend(make_build(tmp_path, {**props, "stagingResourceGroup": group})).prepare_staging()
+    with pytest.raises(BuildError, match=r"stagingResourceGroup: .*/far is in eastus, the build in westus2"):
+        AzureBackend(make_build(tmp_path, {**props, "stagingResourceGroup": far})).prepare_staging()
+    other = "/subscriptions/11111111-1111-1111-1111-111111111111/resourceGroups/x"
+    with pytest.raises(BuildError, match="must be a resource group id in the connection's subscription"):
+        AzureBackend(make_build(tmp_path, {**props, "stagingResourceGroup": other})).prepare_staging()
+
+
+def test_errorhandling_abort_keeps_the_vm_for_debugging(env, arm_double, images, tmp_path, caplog):
+    backend = AzureBackend(make_build(tmp_path, {
+        "source": DEBIAN, "customize": [{"type": "Shell", "name": "breaks", "inline": ["echo about-to-fail", "exit 3"]}],
+        "errorHandling": {"onCustomizerError": "abort"},
+        "distribute": [{"type": "VHD", "runOutputName": "v", "uri": "https://x.invalid/c"}]}))
+    source = backend.resolve_source()
+    drive(backend.prepare_staging)
+    drive(lambda: backend.provision(source))
+    with pytest.raises(BuildError, match=r"(?s)customize.0_breaks: customizer 'breaks' failed: exit code 3.*about-to-fail"):
+        backend.customize(backend.build.plan.customize_steps()[0])
+    caplog.set_level(logging.INFO)
+    kept = drive(lambda: backend.cleanup(keep_vm=True))
+    assert kept["removed"] is False and kept["kept"] == str(backend.group)
+    assert "ssh -i " in caplog.text and "goldsmith@127." in caplog.text
+    tags = arm_double.get(str(backend.group))["tags"]
+    assert tags["goldsmith.expiry"] == kept["until"]  # the janitor deletes it after the debugging window
+    assert arm_double.get(f"{backend.group}/providers/Microsoft.Compute/virtualMachines/goldsmith-vm")
+    drive(lambda: backend.cleanup(keep_vm=False))  # done debugging
+
+
+def test_a_template_subnet_gets_no_public_ip_and_ssh_goes_to_the_private_address(env, arm_double, images, tmp_path):
+    vnet = f"{images}/providers/Microsoft.Network/virtualNetworks/corp"
+    arm_double.seed(vnet, {"location": LOCATION, "properties": {
+        "addressSpace": {"addressPrefixes": ["10.9.0.0/16"]},
+        "subnets": [{"name": "builds", "properties": {"addressPrefix": "10.9.1.0/24"}}]}})
+    backend = AzureBackend(make_build(tmp_path, {
+        "source": DEBIAN, "vmProfile": {"vnetConfig": {"subnetId": f"{vnet}/subnets/builds"}},
+        "customize": [{"type": "Shell", "inline": ["hostname"]}],
+        "distribute": [{"type": "VHD", "runOutputName": "v", "uri": "https://x.invalid/c"}]}))
+    source = backend.resolve_source()
+    drive(backend.prepare_staging)
+    try:
+        provisioned = drive(lambda: backend.provision(source))
+        nic = arm_double.get(f"{backend.group}/providers/Microsoft.Network/networkInterfaces/goldsmith-nic")
+        config = nic["properties"]["ipConfigurations"][0]["properties"]
+        assert provisioned["address"] == config["privateIPAddress"] and "publicIPAddress" not in config
+        assert not [r for r in arm_double.resources() if "publicIPAddresses" in r or "networkSecurityGroups" in r]
+        drive(lambda: backend.customize(backend.build.plan.customize_steps()[0]))  # SSH over the private address
+    finally:
+        drive(lambda: backend.cleanup(keep_vm=False))
+    arm_double.keep(vnet)  # the team's network (its inline subnet is not marked seeded by the double)
+
+
+# --- sources, VM profile, versions ------------------------------------------------------------------------
+
+
+def test_vm_profile_and_source_choices_reach_the_vm(env, arm_double, images, tmp_path):
+    identity = f"{images}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/builder"
+    backend = AzureBackend(make_build(tmp_path, {
+        "source": {"type": "PlatformImage", "publisher": "Debian", "offer": "debian-12", "sku": "12-gen2",
+                   "version": "0.20241004.1901"},
+        "vmProfile": {"osDiskSizeGB": 64, "userAssignedIdentities": [identity]},
+        "distribute": [{"type": "VHD", "runOutputName": "v", "uri": "https://x.invalid/c"}]}))
+    source = backend.resolve_source()
+    assert (source["exactVersion"], source["hyperVGeneration"]) == ("0.20241004.1901", "V2")
+    body = backend._vm_body(source)
+    assert body["properties"]["hardwareProfile"]["vmSize"] == "Standard_D2ds_v4"  # AIB's Gen2 default
+    assert body["properties"]["storageProfile"]["osDisk"]["diskSizeGB"] == 64
+    assert body["identity"] == {"type": "UserAssigned", "userAssignedIdentities": {identity: {}}}
+    gen1 = AzureBackend(make_build(tmp_path, {"source": DEBIAN, "distribute": [
+        {"type": "VHD", "runOutputName": "v", "uri": "https://x.invalid/c"}]}, name="gen1"))
+    assert gen1._vm_size(gen1.resolve_source()) == "Standard_D1_v2"
+
+
+def test_marketplace_images_with_a_plan_need_planinfo(env, arm_double, tmp_path):
+    cis = {"type": "PlatformImage", "publisher": "center-for-internet-security-inc",
+           "offer": "cis-ubuntu-linux-2204-l1", "sku": "cis-ubuntu2204-l1", "version": "latest"}
+    props = {"distribute": [{"type": "VHD", "runOutputName": "v", "uri": "https://x.invalid/c"}]}
+    with pytest.raises(BuildError, match=r'source.planInfo: .* add "planInfo": \{"planName": "cis-ubuntu2204-l1"'):
+        AzureBackend(make_build(tmp_path, {"source": cis, **props})).resolve_source()
+    plan = {"planName": "cis-ubuntu2204-l1", "planProduct": "cis-ubuntu-linux-2204-l1",
+            "planPublisher": "center-for-internet-security-inc"}
+    backend = AzureBackend(make_build(tmp_path, {"source": {**cis, "planInfo": plan}, **props}))
+    source = backend.resolve_source()
+    assert source["exactVersion"] == "1.0.14"
+    assert backend._vm_body(source)["plan"] == {"name": plan["planName"], "product": plan["planProduct"],
+                                                 "publisher": plan["planPublisher"]}
+
+
+def test_gallery_source_latest_skips_excluded_versions_and_versioning_numbers_the_next(env, arm_double, images,
+                                                                                        tmp_path):
+    definition = f"{images}/providers/Microsoft.Compute/galleries/golden/images/linux"
+    base = run_build_with_retries(AzureBackend(make_build(tmp_path, {"source": DEBIAN, "distribute": [
+        {"type": "SharedImage", "runOutputName": "sig", "galleryImageId": f"{definition}/versions/1.2.0"}]},
+        name="base")))
+    excluded = run_build_with_retries(AzureBackend(make_build(tmp_path, {"source": DEBIAN, "distribute": [
+        {"type": "SharedImage", "runOutputName": "sig", "galleryImageId": definition, "excludeFromLatest": True,
+         "versioning": {"scheme": "Latest", "major": 1}}]}, name="excluded")))
+    assert excluded["sig"]["artifactId"] == f"{definition}/versions/1.2.1"  # next patch under major 1
+
+    child = AzureBackend(make_build(tmp_path, {
+        "source": {"type": "SharedImageVersion", "imageVersionId": f"{definition}/versions/latest"},
+        "distribute": [{"type": "SharedImage", "runOutputName": "sig", "galleryImageId": definition,
+                        "versioning": {"scheme": "Source"}}]}, name="child"))
+    source = child.resolve_source()
+    assert source["exactVersion"] == "1.2.0"  # 1.2.1 is excluded from latest
+    with pytest.raises(BuildError, match=r"image version 1.2.0 already exists \(versioning Source\); AIB never "):
+        run_build_with_retries(child)
+    arm_double.keep(base["sig"]["artifactId"], excluded["sig"]["artifactId"])
+
+
+def test_a_retried_distribute_adopts_its_version_instead_of_publishing_another(env, arm_double, images, tmp_path):
+    definition = f"{images}/providers/Microsoft.Compute/galleries/golden/images/linux"
+    backend = AzureBackend(make_build(tmp_path, {"source": DEBIAN, "distribute": [
+        {"type": "SharedImage", "runOutputName": "sig", "galleryImageId": definition}]}))
+    source = backend.resolve_source()
+    step = backend.build.plan.distribute_steps()[0]
+    try:
+        for call in (backend.prepare_staging, lambda: backend.provision(source), backend.generalize, backend.capture):
+            drive(call)
+        first = drive(lambda: backend.distribute(step, source))
+        again = drive(lambda: backend.distribute(step, source))  # a retry after the task lost its result
+        assert first == again
+        assert puts(arm_double, "/versions/0.0.1") == 1
+    finally:
+        drive(lambda: backend.cleanup(keep_vm=False))
+    arm_double.keep(first["artifactId"])
+
+
+@pytest.mark.parametrize("properties, error", [
+    ({"source": DEBIAN, "customize": [{"type": "PowerShell", "inline": ["x"]}]},
+     r"properties.customize\[0\]: 'PowerShell' does not run on a Linux source image"),
+    ({"source": WINDOWS, "customize": [{"type": "Shell", "inline": ["x"]}]},
+     r"properties.customize\[0\]: 'Shell' does not run on a Windows source image"),
+    ({"source": {**DEBIAN, "sku": "13"}}, r"source: no versions of Debian:debian-12:13 in westus2"),
+    ({"source": {**DEBIAN, "version": "9.9.9"}}, r"source: version '9.9.9' of Debian:debian-12:12 is not in westus2"),
+    ({"source": {"type": "ManagedImage", "imageId": "/subscriptions/x/resourceGroups/y/providers/Microsoft.Compute/"
+                                                    "images/missing"}}, r"source.imageId: managed image .* does not"),
+    ({"source": {"type": "SharedImageVersion", "imageVersionId": "not-an-id"}},
+     r"source.imageVersionId: 'not-an-id' is not an ARM resource id"),
+], ids=["powershell-on-linux", "shell-on-windows", "no-sku", "no-version", "no-image", "bad-id"])
+def test_bad_input_is_a_clear_error_at_plan_time(env, arm_double, tmp_path, properties, error):
+    backend = AzureBackend(make_build(tmp_path, {
+        **properties, "distribute": [{"type": "VHD", "runOutputName": "v", "uri": "https://x.invalid/c"}]}))
+    with pytest.raises(BuildError, match=error):
+        backend.resolve_source()
+
+
+def test_a_template_without_location_is_refused(env, arm_double, tmp_path):
+    build = make_build(tmp_path, {"source": DEBIAN, "distribute": [{"type": "VHD", "runOutputName": "v"}]},
+                       location=None)
+    with pytest.raises(BuildError, match=r'location: the azure backend builds in the template\'s region; set "location"'):
+        AzureBackend(build).resolve_source()

@@ -201,7 +201,10 @@ class AzureBackend:
         version = s.version or "latest"
         urn = f"{s.publisher}:{s.offer}:{s.sku}"
         if version.lower() == "latest":
-            listed = [i.as_dict()["name"] for i in images.list(self.location, s.publisher, s.offer, s.sku)]
+            try:
+                listed = [i.as_dict()["name"] for i in images.list(self.location, s.publisher, s.offer, s.sku)]
+            except ResourceNotFoundError:
+                listed = []
             if not listed:
                 raise BuildError(f"source: no versions of {urn} in {self.location}; check publisher, offer and sku "
                                  f"(az vm image list --location {self.location} --publisher {s.publisher} --all)")
