@@ -562,3 +562,37 @@ def test_a_template_without_location_is_refused(env, arm_double, tmp_path):
                        location=None)
     with pytest.raises(BuildError, match=r'location: the azure backend builds in the template\'s region; set "location"'):
         AzureBackend(build).resolve_source()
+
+
+def test_a_vhd_without_uri_goes_to_staging_storage_which_cleanup_keeps(env, arm_double, azurite, tmp_path, caplog):
+    backend = AzureBackend(make_build(tmp_path, {"source": DEBIAN, "distribute": [{"type": "VHD",
+                                                                                  "runOutputName": "vhd"}]}))
+    caplog.set_level(logging.INFO)
+    outputs = run_build_with_retries(backend)
+    uri = outputs["vhd"]["artifactUri"]
+    account = f"{backend.group}/providers/Microsoft.Storage/storageAccounts/{backend._storage_account}"
+    endpoint = arm_double.get(account)["properties"]["primaryEndpoints"]["blob"]
+    assert uri.startswith(endpoint + "vhds/") and uri.endswith(".vhd")
+    assert sorted(arm_double.resources()) == [str(backend.group), account]  # the rest of the build is gone
+    assert "goldsmith.expiry" not in arm_double.get(str(backend.group))["tags"]  # the janitor leaves it alone
+    assert "keeps storage account" in caplog.text
+    arm_double.keep(str(backend.group))
+
+
+def test_a_worker_without_the_ssh_key_installs_a_new_one_through_run_command(env, arm_double, tmp_path, caplog):
+    backend = AzureBackend(make_build(tmp_path, {
+        "source": DEBIAN, "customize": [{"type": "Shell", "inline": ["echo still-reachable"]}],
+        "distribute": [{"type": "VHD", "runOutputName": "v", "uri": "https://x.invalid/c"}]}))
+    source = backend.resolve_source()
+    drive(backend.prepare_staging)
+    try:
+        drive(lambda: backend.provision(source))
+        for name in ("id_ed25519", "id_ed25519.pub"):  # as on another worker
+            (backend.local / name).unlink()
+        caplog.set_level(logging.INFO)
+        drive(lambda: backend.customize(backend.build.plan.customize_steps()[0]))
+        assert "installing a new one" in caplog.text and "still-reachable" in caplog.text
+        assert any("authorized_keys" in c["script"] for c in arm_double.run_commands)
+        assert not [r for r in arm_double.resources() if "/runCommands/" in r]
+    finally:
+        drive(lambda: backend.cleanup(keep_vm=False))

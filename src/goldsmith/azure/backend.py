@@ -515,7 +515,7 @@ class AzureBackend:
 
     def _connect(self, address: str | None = None) -> SSHCommunicator:
         key = self.local / "id_ed25519"
-        if not key.exists():
+        if not key.exists() or key.with_suffix(".installing").exists():
             self._install_new_key()
         comm = SSHCommunicator(address or self._address(), 22, BUILD_USER, key)
         try:
@@ -527,13 +527,21 @@ class AzureBackend:
         return comm
 
     def _install_new_key(self) -> None:
-        """This worker lacks the key another worker made: make one and add it to the VM through Run Command."""
-        self.log.warning("no SSH key for this build in %s (another worker made it): installing a new one", self.local)
+        """This worker lacks the key another worker made: make one and add it to the VM through Run Command
+        (`.installing` marks a key made here but not yet on the VM)."""
+        marker = self.local / "id_ed25519.installing"
+        if not (self.local / "id_ed25519").exists():
+            self.log.warning("no SSH key for this build in %s (another worker made it): installing a new one",
+                             self.local)
+            self.local.mkdir(parents=True, exist_ok=True)
+            marker.touch()
         public = self._ensure_key()
-        result = self._run_command("ssh-key", f"echo '{public}' >> /home/{BUILD_USER}/.ssh/authorized_keys")
-        self._delete_run_commands("ssh-key")
+        key = f"ssh-key/{hashlib.sha256(public.encode()).hexdigest()[:12]}"
+        result = self._run_command(key, f"echo '{public}' >> /home/{BUILD_USER}/.ssh/authorized_keys")
+        self._delete_run_commands(key)
         if result["exitCode"] != 0:
             raise RuntimeError(f"could not install a new SSH key on the build VM:\n{_tail(result)}")
+        marker.unlink()
 
     def _on_line(self, line: str) -> None:
         self.log.info("%s", line)
@@ -921,7 +929,7 @@ class AzureBackend:
             "properties": {"allowBlobPublicAccess": False, "minimumTlsVersion": "TLS1_2"}})])
         endpoint = arm.get(self.arm, self._id(T_STORAGE, account))["properties"]["primaryEndpoints"]["blob"]
         key = self.arm.storage.storage_accounts.list_keys(self.rg, account).as_dict()["keys"][0]["value"]
-        service = BlobServiceClient(endpoint, credential={"account_name": account, "account_key": key}, **options)
+        service = BlobServiceClient(endpoint, credential=key, **options)  # a key string: the account from the URL
         container = service.get_container_client("vhds")
         with contextlib.suppress(HttpResponseError):  # exists already: a retry
             container.create_container()
@@ -999,7 +1007,7 @@ class AzureBackend:
         return {"removed": False, "kept": str(self.group), "until": until}
 
     def _remove_local(self) -> None:
-        for name in ("id_ed25519", "id_ed25519.pub"):
+        for name in ("id_ed25519", "id_ed25519.pub", "id_ed25519.installing"):
             (self.local / name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.local.rmdir()

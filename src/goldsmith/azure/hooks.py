@@ -205,7 +205,8 @@ class AzureBuildHook(AzureBaseHook):
         return self._clients[subscription_id]
 
     def blob_options(self) -> dict[str, Any]:
-        return {**self.settings.transport_options, **RETRY}
+        """For azure-storage-blob clients, which keep their own retry policy."""
+        return self.settings.transport_options
 
     def close(self) -> None:
         for clients in self._clients.values():

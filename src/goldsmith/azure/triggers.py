@@ -80,11 +80,10 @@ class _BlobCheck:
         if wait.state:  # the staging storage account: read with its key
             account = arm.ResourceId.parse(wait.state)
             keys = await self.clients.storage.storage_accounts.list_keys(account.resource_group, account.name)
-            credential = {"account_name": account.name, "account_key": keys.as_dict()["keys"][0]["value"]}
+            credential = keys.as_dict()["keys"][0]["value"]  # a key string: the account name from the URL
         elif "?" not in wait.id:  # no SAS in the URL: the build's identity
             credential = self.settings.credential(aio=True)
-        blob = BlobClient.from_blob_url(wait.id, credential=credential, audience=None,
-                                        connection_verify=self.settings.connection_verify)
+        blob = BlobClient.from_blob_url(wait.id, credential=credential, **self.settings.transport_options)
         try:
             copy = (await blob.get_blob_properties()).copy
         finally:
