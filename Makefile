@@ -43,8 +43,14 @@ test: setup
 test-fast: setup
 	$(VENV)/bin/pytest -q -m 'not vm' $(PYTEST_ARGS)
 
-bench: setup
+# Benchmarks (bench/): Debian's packer (1.6.6) for P1; dag-factory for P3, beside the venv rather than in it
+# (its Airflow plugin would load in every Airflow process). Results in bench/results/, the table in README.md.
+DAG_FACTORY := $(VENV)/dag-factory/dagfactory
+bench: setup $(DAG_FACTORY)
+	@command -v packer >/dev/null || $(MAKE) apt APT_PACKAGES=packer
 	$(PY) -m bench
+$(DAG_FACTORY):
+	uv pip install -q --python $(PY) --target $(VENV)/dag-factory --no-deps --compile-bytecode dag-factory==1.1.0
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
