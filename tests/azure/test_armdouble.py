@@ -56,17 +56,21 @@ def ssh_key(tmp_path_factory) -> Path:
     return key
 
 
-def network_for_vm(arm: Clients, group: str, *, public_ip: bool = True) -> tuple[dict, dict | None]:
-    """vnet + subnet, NSG allowing SSH, optional public IP, NIC; returns (nic, public ip) as REST JSON."""
+def nsg_body(ssh_source: str) -> dict:
+    return {"location": LOCATION, "properties": {"securityRules": [{"name": "ssh", "properties": {
+        "protocol": "Tcp", "access": "Allow", "direction": "Inbound", "priority": 100,
+        "sourceAddressPrefix": ssh_source, "sourcePortRange": "*", "destinationAddressPrefix": "*",
+        "destinationPortRange": "22"}}]}}
+
+
+def network_for_vm(arm: Clients, group: str, *, public_ip: bool = True,
+                   ssh_source: str = "127.0.0.1") -> tuple[dict, dict | None]:
+    """vnet + subnet, NSG allowing SSH from `ssh_source`, optional public IP, NIC; returns (nic, public ip)."""
     vnet = arm.network.virtual_networks.begin_create_or_update(group, "vnet", {
         "location": LOCATION, "properties": {
             "addressSpace": {"addressPrefixes": ["10.0.0.0/16"]},
             "subnets": [{"name": "default", "properties": {"addressPrefix": "10.0.0.0/24"}}]}}).result()
-    nsg = arm.network.network_security_groups.begin_create_or_update(group, "nsg", {
-        "location": LOCATION, "properties": {"securityRules": [{"name": "ssh", "properties": {
-            "protocol": "Tcp", "access": "Allow", "direction": "Inbound", "priority": 100,
-            "sourceAddressPrefix": "127.0.0.1", "sourcePortRange": "*", "destinationAddressPrefix": "*",
-            "destinationPortRange": "22"}}]}}).result()
+    nsg = arm.network.network_security_groups.begin_create_or_update(group, "nsg", nsg_body(ssh_source)).result()
     pip = None
     config = {"subnet": {"id": vnet.subnets[0].id}}
     if public_ip:
@@ -320,6 +324,20 @@ def test_build_process_end_to_end(arm, arm_double, ssh_key):
     arm.resources.resource_groups.begin_delete("staging").result()
     arm.resources.resource_groups.begin_delete("images").result()
     assert not os.path.exists(arm_double.directory / "vms" / vm["properties"]["vmId"])
+
+
+def test_nsg_rules_decide_which_addresses_ssh_reaches(arm, arm_double, ssh_key):
+    arm.resources.resource_groups.create_or_update("rg", {"location": LOCATION})
+    nic, pip = network_for_vm(arm, "rg", ssh_source="203.0.113.7/32")  # not this host
+    vm = arm.compute.virtual_machines.begin_create_or_update("rg", "vm", linux_vm_body(nic["id"], ssh_key)).result()
+    private_ip = nic["properties"]["ipConfigurations"][0]["properties"]["privateIPAddress"]
+    public_ip = pip["properties"]["ipAddress"]
+    assert listening(private_ip) and not listening(public_ip)  # the VNet is allowed in by default, the Internet not
+    arm.network.network_security_groups.begin_create_or_update("rg", "nsg", nsg_body("127.0.0.0/8")).result()
+    arm.compute.virtual_machines.begin_restart("rg", "vm").result()
+    assert listening(public_ip)
+    assert arm_double.vm_guest(vm.id).addresses == [private_ip, public_ip]
+    arm.resources.resource_groups.begin_delete("rg").result()
 
 
 def test_vm_validation_errors(arm, arm_double, ssh_key):
@@ -608,6 +626,10 @@ def test_seeded_and_kept_resources_are_not_leftovers(arm, arm_double):
     arm_double.seed(group, {"location": LOCATION})
     gallery = arm_double.seed(f"{group}/providers/Microsoft.Compute/galleries/g", {"location": LOCATION})
     assert gallery["properties"]["provisioningState"] == "Succeeded"
+    arm_double.seed(f"{group}/providers/Microsoft.Network/virtualNetworks/corp", {"location": LOCATION, "properties": {
+        "addressSpace": {"addressPrefixes": ["10.1.0.0/16"]},
+        "subnets": [{"name": "builds", "properties": {"addressPrefix": "10.1.0.0/24"}}]}})
+    assert f"{group}/providers/Microsoft.Network/virtualNetworks/corp/subnets/builds" in arm_double.resources()
     arm.network.public_ip_addresses.begin_create_or_update("images", "pip", {"location": LOCATION}).result()
     assert arm_double.leftovers() == [f"{group}/providers/Microsoft.Network/publicIPAddresses/pip"]
     arm_double.keep(f"{group}/providers/Microsoft.Network/publicIPAddresses/pip")

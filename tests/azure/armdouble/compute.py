@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from .azurite import fixed_vhd, vhd_problem
 from .core import ArmError, Resource, ResourceType, Response, new_guid, norm_location, now_iso
-from .network import NetworkInterface, ip_configurations, ref, same
+from .network import NetworkInterface, ip_configurations, ref, same, ssh_allowed
 from .vmhost import VmHost
 
 VM = "Microsoft.Compute/virtualMachines"
@@ -379,12 +379,14 @@ class VirtualMachine(_Compute):
         res.state["power"] = "running"
 
     def addresses(self, res: Resource) -> list[str]:
-        """Every address of the VM: its NICs' private IPs and their public IPs."""
+        """The VM's addresses SSH may reach (NSGs): its NICs' private IPs and their public IPs."""
         out = []
         for nic in res.state["nics"]:
             for config in ip_configurations(nic):
-                out.append(config["properties"]["privateIPAddress"])
-                if pip := self.double.find(ref(config["properties"], "publicIPAddress")):
+                if ssh_allowed(self.double, nic, config, from_internet=False):
+                    out.append(config["properties"]["privateIPAddress"])
+                pip = self.double.find(ref(config["properties"], "publicIPAddress"))
+                if pip and ssh_allowed(self.double, nic, config, from_internet=True):
                     out.append(pip.properties["ipAddress"])
         return out
 
@@ -433,6 +435,7 @@ class VirtualMachine(_Compute):
             if guest:
                 guest.stop()
                 if guest_running:
+                    guest.addresses = self.addresses(res)
                     guest.start()
             res.state["power"] = after
 

@@ -9,6 +9,7 @@ cannot be deleted, so a cleanup that deletes in the wrong order fails here as it
 from __future__ import annotations
 
 import copy
+import ipaddress
 
 from .core import ArmError, Resource, ResourceType, new_guid
 from .vmhost import allocate_address
@@ -36,6 +37,50 @@ def same(a: str | None, b: str | None) -> bool:
 
 def ip_configurations(nic: Resource) -> list[dict]:
     return nic.properties.get("ipConfigurations") or []
+
+
+def ssh_allowed(double, nic: Resource, config: dict, from_internet: bool) -> bool:
+    """Whether the NSGs of a NIC and of its subnet let SSH (TCP 22) in from this host to one of the NIC's
+    IP configurations: through its public IP (`from_internet`) or its private IP (from inside the VNet).
+    As on Azure, no NSG lets everything in, and each NSG's first matching rule by priority decides."""
+    subnet = double.find(ref(config.get("properties"), "subnet"))
+    nsgs = [double.find(ref(nic.properties, "networkSecurityGroup")),
+            double.find(ref(subnet.properties, "networkSecurityGroup")) if subnet else None]
+    return all(_nsg_allows_ssh(double, nsg, from_internet) for nsg in nsgs if nsg is not None)
+
+
+def _nsg_allows_ssh(double, nsg: Resource, from_internet: bool) -> bool:
+    rules = [r.properties for r in double.find_all(SecurityRule.type) if r.id.lower().startswith(nsg.id.lower() + "/")]
+    rules += [{"priority": priority, "direction": direction, "access": access, "protocol": "*",
+               "sourceAddressPrefix": source, "destinationPortRange": "*"}
+              for _, priority, direction, access, source, _ in DEFAULT_SECURITY_RULES]
+    for rule in sorted(rules, key=lambda r: int(r["priority"])):
+        if (rule.get("direction") == "Inbound" and rule.get("protocol") in ("Tcp", "*")
+                and _port_matches(rule) and _source_matches(rule, from_internet)):
+            return rule.get("access") == "Allow"
+    return False
+
+
+def _port_matches(rule: dict) -> bool:
+    for ports in [rule.get("destinationPortRange")] + (rule.get("destinationPortRanges") or []):
+        low, _, high = str(ports or "").partition("-")
+        if ports == "*" or (low.isdigit() and int(low) <= 22 <= int(high or low)):
+            return True
+    return False
+
+
+def _source_matches(rule: dict, from_internet: bool) -> bool:
+    """This host's connections come from 127.0.0.1: over the Internet to a public IP, from inside the
+    VNet to a private one."""
+    for prefix in [rule.get("sourceAddressPrefix")] + (rule.get("sourceAddressPrefixes") or []):
+        if prefix == "*" or prefix == ("Internet" if from_internet else "VirtualNetwork"):
+            return True
+        try:
+            if ipaddress.ip_address("127.0.0.1") in ipaddress.ip_network(prefix or "", strict=False):
+                return True
+        except ValueError:  # another service tag
+            pass
+    return False
 
 
 class _Network(ResourceType):
@@ -70,12 +115,10 @@ class _WithChildren(_Network):
         for item in inline:
             child_id = f"{res.id}/{self.child_type.type.split('/')[-1]}/{item['name']}"
             kept.add(child_id.lower())
-            if self.double.find(child_id):
-                continue
             doc = {"id": child_id, "name": item["name"], "type": child.type,
                    "properties": copy.deepcopy(item.get("properties") or {})}
             sub = Resource(child_id, child.type, doc)
-            child.validate(sub, None, group)
+            child.validate(sub, self.double.find(child_id), group)
             sub.properties["provisioningState"] = "Succeeded"
             self.double.add(sub)
         for old in self._children(res):

@@ -162,8 +162,8 @@ class ArmDouble:
         Its create operation completes at once (a VM's sshd is started). Seeded resources are not
         leftovers; what a test creates inside them is."""
         with self._lock:
-            path = urlsplit(resource_id).path
-            response = self._route("PUT", path, {"api-version": "seed"}, body)
+            before = set(self._resources)
+            response = self._route("PUT", urlsplit(resource_id).path, {"api-version": "seed"}, body)
             res = self._groups.get(resource_id.lower()) or self._resources[resource_id.lower()]
             if res.op:
                 res.op.latency = Latency(polls=0)
@@ -171,6 +171,8 @@ class ArmDouble:
                 if res.op.error:
                     raise res.op.error
             res.state["seeded"] = True
+            for key in set(self._resources) - before:  # created with it: inline subnets, a VM's OS disk
+                self._resources[key].state["seeded"] = True
             return response.body if res.op is None else self.get(resource_id)
 
     def keep(self, *resource_ids: str) -> None:

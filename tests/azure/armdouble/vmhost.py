@@ -86,8 +86,15 @@ def allocate_address(taken: set[str]) -> str:
         return address
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class VmHost:
-    """One Linux VM's guest. `directory` is its disk; `addresses` the IPs its sshd listens on."""
+    """One Linux VM's guest. `directory` is its disk; `addresses` the IPs its sshd listens on (those its
+    NSGs let SSH reach; read at every start)."""
 
     def __init__(self, directory: Path, admin_user: str, public_keys: list[str], addresses: list[str]):
         self.directory = directory
@@ -110,8 +117,10 @@ class VmHost:
         if self._proc:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
+        # Reachable nowhere (NSGs): sshd still runs, Run Command needs the guest, on a port nobody is told.
+        self._listen = [(address, 22) for address in self.addresses] or [("127.0.0.1", _free_port())]
         (self.directory / "sshd_config").write_text("\n".join([
-            *(f"ListenAddress {address}:22" for address in self.addresses),
+            *(f"ListenAddress {address}:{port}" for address, port in self._listen),
             f"HostKey {STATE}/host_key",
             "PidFile none",
             "StrictModes no",  # the home directories live on overlays of a temp dir
@@ -145,12 +154,12 @@ class VmHost:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"VM sshd exited with {self._proc.returncode}: {self.log_text()}")
             try:
-                for address in self.addresses:
-                    socket.create_connection((address, 22), timeout=1).close()
+                for address in self._listen:
+                    socket.create_connection(address, timeout=1).close()
                 return
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError(f"VM sshd did not listen on {self.addresses} within 20s: {self.log_text()}")
+        raise RuntimeError(f"VM sshd did not listen on {self._listen} within 20s: {self.log_text()}")
 
     def log_text(self) -> str:
         return (self.directory / "sshd.log").read_text(errors="replace")
