@@ -8,7 +8,9 @@ and an Airflow connection that point the real azure-identity / azure-mgmt-* clie
         assert arm_double.leftovers() == []  # also checked after every test
 
 This directory has no __init__.py on purpose: as a package it would be named `azure` and shadow the
-Azure SDK. Test modules here are imported by basename, so each needs a name unique in tests/.
+Azure SDK. Test modules here are imported by basename, so each needs a name unique in tests/, and
+none may be named like an Azure SDK package (core, identity, mgmt, storage): tests/ is on sys.path and
+`azure` is a namespace package. What the double implements: armdouble/README.md.
 """
 
 from __future__ import annotations
