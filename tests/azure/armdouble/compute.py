@@ -174,7 +174,6 @@ class Source:
     hyper_v_generation: str
     size_gb: int
     vhd_uri: str | None = None  # the VHD in Azurite its bytes come from, if any
-    plan: bool = False
 
 
 def _source_state(res: Resource) -> Source:
@@ -199,8 +198,8 @@ class _Compute(ResourceType):
     def check_vhd(self, uri: str) -> None:
         store = self.double.blob_store
         if store is None:
-            raise ArmError(400, "InvalidParameter", f"Blob sources need Azurite: the ARM double has no blob store "
-                           f"(use the arm_double fixture with azurite).")
+            raise ArmError(400, "InvalidParameter", "Blob sources need Azurite: the ARM double has no blob store "
+                           "(use the arm_double fixture with azurite).")
         try:
             found = store.read_blob(uri)
         except ValueError as e:
@@ -275,7 +274,7 @@ class VirtualMachine(_Compute):
                                "or a custom image sourced from a Marketplace image requires Plan information in the "
                                "request. VM: '" + res.id + "'.")
             reference["exactVersion"] = version
-            source = Source(image.os_type, image.hyper_v_generation, image.size_gb, plan=image.plan)
+            source = Source(image.os_type, image.hyper_v_generation, image.size_gb)
         self._validate_os_profile(res, source.os_type)
         nics = self._validate_nics(res)
         disk = self._os_disk(res, group, storage, source)
@@ -567,7 +566,6 @@ class Disk(_Compute):
 
     def validate(self, res, existing, group):
         if existing:
-            res.state = existing.state
             for key in ("uniqueId", "timeCreated", "osType", "hyperVGeneration", "creationData"):
                 if key in existing.properties:
                     res.properties[key] = existing.properties[key]
