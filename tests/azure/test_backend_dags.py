@@ -69,3 +69,20 @@ def test_linux_build_through_airflow_with_deferred_steps(airflow_env, arm_double
     (sig,) = outputs
     assert sig["properties"]["artifactId"] == f"{definition}/versions/0.0.1"
     arm_double.keep(sig["properties"]["artifactId"])
+
+
+def test_windows_templates_load_for_the_azure_backend(tmp_path):
+    from goldsmith.dag_factory import build_dags
+
+    body = {"location": LOCATION, "goldsmith": {"backend": "azure"}, "properties": {
+        "source": {"type": "PlatformImage", "publisher": "MicrosoftWindowsServer", "offer": "WindowsServer",
+                   "sku": "2022-datacenter-azure-edition", "version": "latest"},
+        "customize": [{"type": "PowerShell", "inline": ["Write-Output hi"]}, {"type": "WindowsRestart"},
+                      {"type": "WindowsUpdate", "updateLimit": 10}],
+        "validate": {"inVMValidations": [{"type": "PowerShell", "inline": ["exit 0"]}]},
+        "distribute": [{"type": "VHD", "runOutputName": "vhd"}]}}
+    (tmp_path / "win.json").write_text(json.dumps(body))
+    dag = build_dags(tmp_path)["win"]
+    assert "invalid-template" not in dag.tags
+    assert [t for t in dag.task_ids if t.startswith(("customize.", "validate."))] == [
+        "customize.0_powershell", "customize.1_windowsrestart", "customize.2_windowsupdate", "validate.0_powershell"]
