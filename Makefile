@@ -37,7 +37,7 @@ demo: setup
 	$(PY) -m goldsmith.demo
 
 test: setup
-	$(VENV)/bin/pytest -x -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 # The step logic without real VM builds (seconds, not minutes).
 test-fast: setup
