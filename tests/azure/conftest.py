@@ -23,6 +23,7 @@ from urllib.parse import quote
 import pytest
 from armdouble import ArmDouble, Azurite, running_azurite
 from armdouble.vmhost import supported as vm_guests_supported
+from sshd_fixture import is_running
 
 # Azure's default; the double accepts any scope, so clients need not change it.
 ARM_SCOPES = ["https://management.azure.com/.default"]
@@ -61,7 +62,10 @@ def arm_double(arm_double_server, request) -> Iterator[ArmDouble]:
         pytest.skip(reason)
     yield double
     internal_errors, leftovers = list(double.internal_errors), double.leftovers()
+    guest_pids = [guest.pid for guest in double.guests() if guest.pid]
     double.reset()
+    assert not [pid for pid in guest_pids if is_running(pid)], "VM sshds survived the reset"
+    assert not any((double.directory / "vms").glob("*")), "VM disks survived the reset"
     assert not internal_errors, "the ARM double failed:\n" + "\n".join(internal_errors)
     if not request.node.get_closest_marker("arm_leftovers_ok"):
         assert leftovers == [], f"resources left behind in the ARM double: {leftovers}"

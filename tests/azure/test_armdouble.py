@@ -503,6 +503,21 @@ def test_linux_run_command_failure_and_managed_run_commands(arm, arm_double, ssh
     arm.resources.resource_groups.begin_delete("rg").result()
 
 
+def test_powering_off_kills_everything_in_the_vm(arm, arm_double, ssh_key):
+    arm.resources.resource_groups.create_or_update("rg", {"location": LOCATION})
+    _, _, pip = linux_vm(arm, "rg", ssh_key)
+    with ssh(pip["properties"]["ipAddress"], ssh_key) as comm:
+        code, lines = run(comm, "setsid nohup sleep 1000 >/dev/null 2>&1 < /dev/null & echo $!")
+    daemon = int(lines[-1])
+    script = arm.compute.virtual_machines.begin_run_command("rg", "vm", {"commandId": "RunShellScript",
+                                                                        "script": ["sleep 1000"]})
+    assert is_running(daemon) and not script.done()
+    arm.compute.virtual_machines.begin_deallocate("rg", "vm").result()
+    assert not is_running(daemon)
+    assert script.result().value[0].code == "ProvisioningState/failed/-9"
+    arm.resources.resource_groups.begin_delete("rg").result()
+
+
 # -- faults --------------------------------------------------------------------------------------
 
 

@@ -186,6 +186,11 @@ class ArmDouble:
             return sorted(r.id for r in everything if not r.state.get("seeded")
                           and not any(r.id.lower() == k or r.id.lower().startswith(k + "/") for k in self._kept))
 
+    def guests(self) -> list:
+        """Every Linux VM's guest (VmHost), running or not."""
+        with self._lock:
+            return [r.state["guest"] for r in self._resources.values() if r.state.get("guest")]
+
     def vm_guest(self, vm_id: str):
         """The VmHost behind a Linux VM (None for Windows VMs): its sshd pid, addresses, run_script()."""
         with self._lock:

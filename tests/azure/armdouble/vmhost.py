@@ -17,12 +17,11 @@ import os
 import random
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
-
-from sshd_fixture import _stop  # tests/ is on sys.path: the plain sshd fixture's process-tree walk
 
 SSHD = "/usr/sbin/sshd"  # sshd refuses to re-exec itself unless started by absolute path
 OVERLAID = ("etc", "var", "root", "home", "usr", "opt", "srv")
@@ -86,6 +85,41 @@ def allocate_address(taken: set[str]) -> str:
         return address
 
 
+def _namespace(pid: int) -> str | None:
+    """The mount namespace a process is in, or None if it is gone (or a zombie)."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return None
+
+
+def _kill_namespace(namespace: str) -> None:
+    """SIGKILL every process in a mount namespace, and wait until they are all gone (a dying process
+    leaves the namespace before it exits: the last one unmounts the overlays)."""
+    killed: set[int] = set()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pids = {int(p) for p in os.listdir("/proc") if p.isdigit() and _namespace(int(p)) == namespace}
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        killed |= pids
+        if not pids and not any(_alive(pid) for pid in killed):
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"processes of the VM's namespace {namespace} survived SIGKILL for 10s")
+
+
+def _alive(pid: int) -> bool:
+    """Not gone, and not a zombie (dead, waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -103,7 +137,6 @@ class VmHost:
         self.addresses = addresses
         self._proc: subprocess.Popen | None = None
         self._log = None
-        self._scripts: set[subprocess.Popen] = set()  # Run Command scripts, entered with nsenter
 
     @property
     def running(self) -> bool:
@@ -165,12 +198,15 @@ class VmHost:
         return (self.directory / "sshd.log").read_text(errors="replace")
 
     def stop(self) -> None:
-        """Power off: sshd and every session it forked (the namespace and its mounts go with them)."""
+        """Power off: every process in the VM's mount namespace (sshd, sessions, what they left running,
+        Run Command scripts) is killed, and the namespace and its mounts go with them."""
         if self._proc is None:
             return
-        for script in list(self._scripts):
-            _stop(script)
-        _stop(self._proc)
+        namespace = _namespace(self._proc.pid)
+        self._proc.kill()
+        self._proc.wait()
+        if namespace and namespace != _namespace(os.getpid()):  # sshd may have died before unshare did
+            _kill_namespace(namespace)
         self._log.close()
         self._proc = self._log = None
 
@@ -188,14 +224,12 @@ class VmHost:
         proc = subprocess.Popen(
             ["nsenter", "--target", str(self._proc.pid), "--mount", "--", "/bin/bash", "-s"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"})
-        self._scripts.add(proc)
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"},
+            start_new_session=True)
         try:
             stdout, stderr = proc.communicate(exports + "cd /root\n" + script, timeout=timeout)
         except subprocess.TimeoutExpired:
-            _stop(proc)
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
             raise TimeoutError(f"script ran longer than {timeout}s") from None
-        finally:
-            self._scripts.discard(proc)
         return proc.returncode, stdout, stderr
