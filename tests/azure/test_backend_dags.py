@@ -4,7 +4,6 @@ the trigger (run inline by dags test), XCom, the teardown, run outputs, against 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 

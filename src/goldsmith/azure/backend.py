@@ -30,7 +30,7 @@ from goldsmith.azure import arm, windows
 from goldsmith.azure.arm import ResourceId, Wait
 from goldsmith.azure.hooks import AzureBuildHook, AzureSettingsError
 from goldsmith.azure.triggers import ArmWaitTrigger
-from goldsmith.build import Build, BuildError, Pending
+from goldsmith.build import Build, BuildError, Pending, destination_resource_group
 from goldsmith.communicator import CommunicatorError, SSHCommunicator
 from goldsmith.local.gallery import GalleryError, _check_version, _from_source, _next_latest
 from goldsmith.settings import goldsmith_home
@@ -294,10 +294,11 @@ class AzureBackend:
             items += [(f"properties.validate.inVMValidations[{i}]", v.type)
                       for i, v in enumerate(self.props.validate_.inVMValidations)]
         wrong = windows_only if os_type == "Linux" else linux_only
-        problems = [f"{path}: '{kind}' does not run on a {os_type} source image" for path, kind in items if kind in wrong]
+        problems = [f"{path}: '{kind}' does not run on a {os_type} source image"
+                    for path, kind in items if kind in wrong]
         if problems:
-            raise BuildError("; ".join(problems) + (
-                "; use Shell customizers for Linux" if os_type == "Linux" else "; use PowerShell customizers for Windows"))
+            fix = "Shell customizers for Linux" if os_type == "Linux" else "PowerShell customizers for Windows"
+            raise BuildError("; ".join(problems) + f"; use {fix}")
 
     # --- staging -------------------------------------------------------------------------------------------
 
@@ -310,7 +311,7 @@ class AzureBackend:
             existing = arm.get(self.arm, self.group)
             if existing is None:
                 tags = {**self._tags(), **run_tags}
-                rg_of_template = _destination_group(self.plan)
+                rg_of_template = destination_resource_group(self.plan)
                 if rg_of_template:
                     tags["imageTemplateResourceGroupName"] = rg_of_template
                 groups.create_or_update(self.rg, {"location": self.location, "tags": tags})
@@ -680,7 +681,8 @@ class AzureBackend:
                                        "source": {"script": script}, "asyncExecution": False,
                                        "timeoutInSeconds": RUN_COMMAND_TIMEOUT,
                                        "treatFailureAsDeploymentFailure": False}})
-            raise self._pending(f"Run Command {name}", [Wait("run_command", str(rid), f"Run Command {name}", operation)])
+            raise self._pending(f"Run Command {name}",
+                                [Wait("run_command", str(rid), f"Run Command {name}", operation)])
         if view.get("executionState") not in arm.TERMINAL_RUN_COMMAND_STATES:
             raise self._pending(f"Run Command {name} (started earlier)", [Wait("run_command", str(rid), name)])
         return {"exitCode": view.get("exitCode"), "output": view.get("output") or "", "error": view.get("error") or "",
@@ -800,7 +802,8 @@ class AzureBackend:
             "location": location, "tags": self._artifact_tags(d, source),
             "properties": {"sourceVirtualMachine": {"id": str(self._id(T_VM, VM))},
                            "hyperVGeneration": disk.get("properties", {}).get("hyperVGeneration") or "V1"}})
-        raise self._pending(f"managed image {rid.name}", [Wait("provisioned", str(rid), f"image {rid.name}", operation)])
+        raise self._pending(f"managed image {rid.name}",
+                            [Wait("provisioned", str(rid), f"image {rid.name}", operation)])
 
     def _distribute_gallery(self, d: Any, source: dict[str, Any]) -> tuple[str, None]:
         field = f"distribute.{d.runOutputName}.galleryImageId"
@@ -808,7 +811,8 @@ class AzureBackend:
             rid = ResourceId.parse(d.galleryImageId, field=field)
         except ValueError as e:
             raise BuildError(str(e)) from None
-        if rid.type.lower() not in ("microsoft.compute/galleries/images", "microsoft.compute/galleries/images/versions"):
+        if rid.type.lower() not in ("microsoft.compute/galleries/images",
+                                    "microsoft.compute/galleries/images/versions"):
             raise BuildError(f"{field}: '{d.galleryImageId}' is a {rid.type} id; expected an image definition id "
                              "(.../galleries/<g>/images/<definition>) or a version id (.../versions/x.y.z)")
         clients = self.hook.clients(rid.subscription)
@@ -1011,12 +1015,6 @@ class AzureBackend:
             (self.local / name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.local.rmdir()
-
-
-def _destination_group(plan: Any) -> str | None:
-    from goldsmith.build import destination_resource_group
-
-    return destination_resource_group(plan)
 
 
 def _run_command_name(key: str) -> str:
