@@ -117,7 +117,7 @@ class AzureBackend:
     # --- errors and waiting --------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _arm_errors(self, what: str) -> Iterator[None]:
+    def arm_errors(self, what: str) -> Iterator[None]:
         """ARM's refusals become BuildErrors naming the step; throttling, conflicts and server errors that
         outlived azure-core's retries stay retryable (the task's retry continues from what exists)."""
         try:
@@ -182,7 +182,7 @@ class AzureBackend:
 
     def resolve_source(self) -> dict[str, Any]:
         source = self.props.source
-        with self._arm_errors("source"):
+        with self.arm_errors("source"):
             if source.type == "PlatformImage":
                 resolved = self._platform_image(source)
             elif source.type == "ManagedImage":
@@ -307,7 +307,7 @@ class AzureBackend:
         run_tags = {TAG_DAG: self.build.dag_id, TAG_RUN: self.build.run_id, TAG_TEMPLATE: self.plan.name,
                     TAG_EXPIRY: expiry.isoformat(timespec="seconds"), "imageTemplateName": self.plan.name}
         groups = self.arm.resources.resource_groups
-        with self._arm_errors("prepare_staging"):
+        with self.arm_errors("prepare_staging"):
             existing = arm.get(self.arm, self.group)
             if existing is None:
                 tags = {**self._tags(), **run_tags}
@@ -355,7 +355,7 @@ class AzureBackend:
     # --- the build VM --------------------------------------------------------------------------------------
 
     def provision(self, source: dict[str, Any]) -> dict[str, Any]:
-        with self._arm_errors("provision"):
+        with self.arm_errors("provision"):
             self._require_staging()
             state = arm.provisioning_state(arm.get(self.arm, self._id(T_VM, VM)))
             if state != "Succeeded":
@@ -566,7 +566,7 @@ class AzureBackend:
 
     def customize(self, step: Step) -> dict[str, Any]:
         c = step.item
-        with self._arm_errors(step.task_id):
+        with self.arm_errors(step.task_id):
             if self._windows:
                 return self._windows_step(step, validator=False)
         try:
@@ -587,7 +587,7 @@ class AzureBackend:
 
     def validate(self, step: Step) -> dict[str, Any]:
         v = step.item
-        with self._arm_errors(step.task_id):
+        with self.arm_errors(step.task_id):
             if self._windows:
                 return self._windows_step(step, validator=True)
         try:
@@ -703,7 +703,7 @@ class AzureBackend:
     # --- generalize and capture ----------------------------------------------------------------------------
 
     def generalize(self) -> dict[str, Any]:
-        with self._arm_errors("generalize"):
+        with self.arm_errors("generalize"):
             power, generalized = self._vm_states()
             if generalized:
                 self.log.info("already generalized by an earlier try")
@@ -743,7 +743,7 @@ class AzureBackend:
             raise BuildError(f"generalize: {e}") from None
 
     def capture(self) -> dict[str, Any]:
-        with self._arm_errors("capture"):
+        with self.arm_errors("capture"):
             disk = arm.get(self.arm, self._id(T_DISK, OS_DISK)) or {}
             generation = disk.get("properties", {}).get("hyperVGeneration") or "V1"
             self._wait_for("image capture", [self._ensure(T_IMAGE, IMAGE, "captured image", {
@@ -756,14 +756,27 @@ class AzureBackend:
 
     def distribute(self, step: Step, source: dict[str, Any]) -> dict[str, Any]:
         d = step.item
-        with self._arm_errors(step.task_id):
+        with self.arm_errors(step.task_id):
             if d.type == "ManagedImage":
-                outcome = self._distribute_managed_image(d, source)
+                if d.location.replace(" ", "").lower() != self.location:
+                    raise BuildError(
+                        f"distribute.{d.runOutputName}.location: {d.location} differs from the build region "
+                        f"{self.location}; Azure creates a managed image only in its source's region (use a "
+                        "SharedImage target to publish to other regions)")
+                disk = arm.get(self.arm, self._id(T_DISK, OS_DISK)) or {}
+                artifact_id, artifact_uri = self.publish_managed_image(d, source, {
+                    "sourceVirtualMachine": {"id": str(self._id(T_VM, VM))},
+                    "hyperVGeneration": disk.get("properties", {}).get("hyperVGeneration") or "V1"}), None
             elif d.type == "SharedImage":
-                outcome = self._distribute_gallery(d, source)
+                artifact_id, artifact_uri = self.publish_gallery_version(
+                    d, source, {"source": {"id": str(self._id(T_IMAGE, IMAGE))}}), None
             else:
-                outcome = self._distribute_vhd(d)
-        artifact_id, artifact_uri = outcome
+                artifact_id, artifact_uri = None, self._distribute_vhd(d)
+        return self.record_output(step, source, artifact_id, artifact_uri)
+
+    def record_output(self, step: Step, source: dict[str, Any], artifact_id: str | None,
+                      artifact_uri: str | None) -> dict[str, Any]:
+        d = step.item
         runoutputs.record(self.plan.name, self.build.run_id, d.runOutputName, artifactId=artifact_id,
                           artifactUri=artifact_uri, provisioningState="Succeeded",
                           extra={"digest": self.plan.digest,
@@ -777,13 +790,9 @@ class AzureBackend:
                 TAG_DAG: self.build.dag_id, TAG_RUN: self.build.run_id, "goldsmith.source": source.get("id") or "",
                 "goldsmith.sourceVersion": source.get("exactVersion") or ""}
 
-    def _distribute_managed_image(self, d: Any, source: dict[str, Any]) -> tuple[str, None]:
+    def publish_managed_image(self, d: Any, source: dict[str, Any], properties: dict[str, Any]) -> str:
+        """The ManagedImage target `d`, made with `properties` (its source); returns its id once it exists."""
         rid = self._parse(d.imageId, f"distribute.{d.runOutputName}.imageId", "Microsoft.Compute/images")
-        location = d.location.replace(" ", "").lower()
-        if location != self.location:
-            raise BuildError(f"distribute.{d.runOutputName}.location: {d.location} differs from the build region "
-                             f"{self.location}; Azure creates a managed image only in its source's region (use a "
-                             "SharedImage target to publish to other regions)")
         clients = self.hook.clients(rid.subscription)
         if arm.get(clients, ResourceId(rid.subscription, rid.resource_group)) is None:
             raise BuildError(f"distribute.{d.runOutputName}.imageId: resource group {rid.resource_group} does not "
@@ -794,18 +803,18 @@ class AzureBackend:
                              "like AIB, Goldsmith doesn't overwrite managed images: delete it or choose a new imageId")
         state = arm.provisioning_state(image)
         if state == "Succeeded":
-            return image["id"], None
+            return image["id"]
         if image is not None and state != "Failed":
             raise self._pending(f"managed image {rid.name}", [Wait("provisioned", str(rid), f"image {rid.name}")])
-        disk = arm.get(self.arm, self._id(T_DISK, OS_DISK)) or {}
         operation = arm.submit(clients.compute.images.begin_create_or_update, rid.resource_group, rid.name, {
-            "location": location, "tags": self._artifact_tags(d, source),
-            "properties": {"sourceVirtualMachine": {"id": str(self._id(T_VM, VM))},
-                           "hyperVGeneration": disk.get("properties", {}).get("hyperVGeneration") or "V1"}})
+            "location": d.location.replace(" ", "").lower(), "tags": self._artifact_tags(d, source),
+            "properties": properties})
         raise self._pending(f"managed image {rid.name}",
                             [Wait("provisioned", str(rid), f"image {rid.name}", operation)])
 
-    def _distribute_gallery(self, d: Any, source: dict[str, Any]) -> tuple[str, None]:
+    def publish_gallery_version(self, d: Any, source: dict[str, Any], storage_profile: dict[str, Any]) -> str:
+        """A version of the SharedImage target `d`'s definition, made from `storage_profile` (its source);
+        returns its id once it is replicated."""
         field = f"distribute.{d.runOutputName}.galleryImageId"
         try:
             rid = ResourceId.parse(d.galleryImageId, field=field)
@@ -828,7 +837,7 @@ class AzureBackend:
         if mine is not None:
             state = arm.provisioning_state(mine)
             if state == "Succeeded":
-                return mine["id"], None
+                return mine["id"]
             if state != "Failed":
                 raise self._pending(f"image version {mine['name']}",
                                      [Wait("provisioned", mine["id"], f"image version {mine['name']}")])
@@ -849,8 +858,8 @@ class AzureBackend:
         operation = arm.submit(clients.compute.gallery_image_versions.begin_create_or_update, rid.resource_group,
                                *rid.names[:2], number, {
                                    "location": found["location"], "tags": self._artifact_tags(d, source),
-                                   "properties": {"publishingProfile": publishing, "storageProfile": {
-                                       "source": {"id": str(self._id(T_IMAGE, IMAGE))}}}})
+                                   "properties": {"publishingProfile": publishing,
+                                                  "storageProfile": storage_profile}})
         raise self._pending(f"image version {number} (replication per region)",
                              [Wait("provisioned", str(version_id), f"image version {number}", operation)])
 
@@ -884,7 +893,7 @@ class AzureBackend:
                              "never overwrites a version: publish a new number or delete that version first")
         return number
 
-    def _distribute_vhd(self, d: Any) -> tuple[None, str]:
+    def _distribute_vhd(self, d: Any) -> str:
         blob, account_id = self._vhd_target(d)
         url = blob.url.split("?")[0]
         try:
@@ -902,7 +911,7 @@ class AzureBackend:
             self.log.info("copying the OS disk to %s (server side)", url)
         elif copy_status == "success":
             self.arm.compute.disks.begin_revoke_access(self.rg, OS_DISK).result()
-            return None, url
+            return url
         raise self._pending(f"VHD copy to {url}", [Wait("blob_copy", blob.url, f"VHD {d.runOutputName}",
                                                          state=account_id)])
 
@@ -942,7 +951,7 @@ class AzureBackend:
     # --- cleanup -------------------------------------------------------------------------------------------
 
     def cleanup(self, *, keep_vm: bool) -> dict[str, Any]:
-        with self._arm_errors("cleanup_staging"):
+        with self.arm_errors("cleanup_staging"):
             group = arm.get(self.arm, self.group)
             if group is None:
                 self.log.info("staging resource group %s is gone", self.group)
