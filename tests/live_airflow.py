@@ -156,7 +156,7 @@ class AirflowApi:
     @classmethod
     def connect(cls, base_url: str, airflow_home: Path, logs: Path, timeout: float = 180) -> AirflowApi:
         passwords = airflow_home / "simple_auth_manager_passwords.json.generated"
-        client = httpx.Client(base_url=base_url, timeout=30)
+        client = httpx.Client(base_url=base_url, timeout=120)  # slow answers while VMs emulate on every core
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -91,7 +91,10 @@ class PlanOperator(BaseOperator):
             raise AirflowFailException(str(e)) from None
         self.log.info("plan %s: digest %s, source %s", plan.name, plan.digest, source)
         if plan.options.rebuild == "onChange" and not context["params"].get("forceRebuild"):
-            _skip_if_unchanged(plan, source)
+            reason = _unchanged_since(plan, source)
+            if reason:
+                self.log.info(reason)  # Airflow logs a skip as "Skipping task." without its message
+                raise AirflowSkipException(reason)
         context["ti"].xcom_push(key="source", value=source)
         context["ti"].xcom_push(key="digest", value=plan.digest)
         return plan.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -182,14 +185,16 @@ class CleanupStagingOperator(GoldsmithStepOperator):
         return outcome
 
 
-def _skip_if_unchanged(plan: BuildPlan, source: dict[str, Any]) -> None:
+def _unchanged_since(plan: BuildPlan, source: dict[str, Any]) -> str | None:
+    """Why this build would repeat the last successful one, or None when something changed."""
     last = next((r for r in reversed(runoutputs.list_results(plan.name)) if r["succeeded"]), None)
     if last and last["digest"] == plan.digest and (last["source"].get("id"), last["source"].get("exactVersion")) == (
             source.get("id"), source.get("exactVersion")):
-        raise AirflowSkipException(
+        return (
             f"nothing changed since the successful build {last['runId']}: same source {source['id']} "
             f"({source.get('exactVersion')}), same template and scripts ({plan.digest[:19]}). Trigger with "
             "forceRebuild to build anyway, or set \"goldsmith\": {\"rebuild\": \"always\"} for patch rebuilds.")
+    return None
 
 
 def _task_states(context: Context) -> dict[str, str]:
