@@ -80,8 +80,18 @@ class Backend(Protocol):
     def cleanup(self, *, keep_vm: bool) -> dict[str, Any]: ...
 
 
+def azure_vhd_target(plan: BuildPlan) -> Any | None:
+    """A local build whose VHD target is a blob URL publishes to Azure (goldsmith.azure.publish)."""
+    return next((d for d in plan.template.properties.distribute
+                 if d.type == "VHD" and (d.uri or "").startswith(("https://", "http://"))), None)
+
+
 def backend_for(build: Build) -> Backend:
     if build.plan.options.backend == "local":
+        if azure_vhd_target(build.plan):
+            from goldsmith.azure.publish import HybridBackend
+
+            return HybridBackend(build)
         from goldsmith.local.backend import LocalBackend
 
         return LocalBackend(build)

@@ -900,14 +900,14 @@ class AzureBackend:
             props = blob.get_blob_properties()
         except ResourceNotFoundError:
             props = None
-        if props is not None and props.metadata.get("goldsmithrun") != self._blob_run_mark:
+        if props is not None and props.metadata.get("goldsmithrun") != self.blob_run_mark:
             raise BuildError(f"distribute.{d.runOutputName}.uri: {url} already exists; Goldsmith doesn't overwrite "
                              "it: delete it or choose another uri")
         copy_status = props.copy.status if props is not None else None
         if copy_status in (None, "failed", "aborted"):
             sas = self.arm.compute.disks.begin_grant_access(self.rg, OS_DISK, {
                 "access": "Read", "durationInSeconds": VHD_SAS_SECONDS}).result().as_dict()["accessSAS"]
-            blob.start_copy_from_url(sas, metadata={"goldsmithrun": self._blob_run_mark})
+            blob.start_copy_from_url(sas, metadata={"goldsmithrun": self.blob_run_mark})
             self.log.info("copying the OS disk to %s (server side)", url)
         elif copy_status == "success":
             self.arm.compute.disks.begin_revoke_access(self.rg, OS_DISK).result()
@@ -916,7 +916,7 @@ class AzureBackend:
                                                          state=account_id)])
 
     @property
-    def _blob_run_mark(self) -> str:
+    def blob_run_mark(self) -> str:
         return hashlib.sha256(self.build.run_key.encode()).hexdigest()[:32]
 
     def _vhd_target(self, d: Any) -> tuple[BlobClient, str | None]:
