@@ -133,7 +133,7 @@ def test_linux_build_customizes_over_ssh_and_distributes_everywhere(env, arm_dou
              "imageId": f"{images}/providers/Microsoft.Compute/images/golden"},
             {"type": "SharedImage", "runOutputName": "sig", "galleryImageId": definition,
              "targetRegions": [{"name": LOCATION, "replicaCount": 2}, {"name": "eastus"}],
-             "excludeFromLatest": True, "artifactTags": {"stage": "base"}},
+             "excludeFromLatest": True, "replicationMode": "Shallow", "artifactTags": {"stage": "base"}},
             {"type": "VHD", "runOutputName": "vhd", "uri": vhd_container(azurite)},
         ],
     })
@@ -148,7 +148,7 @@ def test_linux_build_customizes_over_ssh_and_distributes_everywhere(env, arm_dou
     version = arm_double.get(outputs["sig"]["artifactId"])
     profile = version["properties"]["publishingProfile"]
     assert [(r["name"], r["regionalReplicaCount"]) for r in profile["targetRegions"]] == [(LOCATION, 2), ("eastus", 1)]
-    assert profile["excludeFromLatest"] is True
+    assert profile["excludeFromLatest"] is True and profile["replicationMode"] == "Shallow"
     assert version["tags"]["stage"] == "base" and version["tags"]["goldsmith.sourceVersion"] == "0.20250305.2040"
     assert "replication" in caplog.text  # per-region progress was watched
 

@@ -7,10 +7,9 @@ as in the ARM REST spec and the AIB template.
 
 from __future__ import annotations
 
-import inspect
 import json
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.core.rest import HttpRequest
@@ -234,8 +233,9 @@ async def operation_status(clients: ArmClients, url: str) -> Progress | None:
     return Progress(False, note=f"operation {status}")
 
 
-async def check(clients: ArmClients, wait: Wait, blob_check: Callable[..., Any] | None = None) -> Progress:
-    """One look at a wait (aio clients)."""
+async def check(clients: ArmClients, wait: Wait,
+                blob_copy: Callable[[Wait], Awaitable[Progress]] | None = None) -> Progress:
+    """One look at a wait (aio clients); `blob_copy` looks at a blob_copy wait."""
     if wait.operation:
         op = await operation_status(clients, wait.operation)
         if op is not None and op.error:
@@ -243,9 +243,7 @@ async def check(clients: ArmClients, wait: Wait, blob_check: Callable[..., Any] 
         if op is not None and not op.done:
             return op
     if wait.kind == "blob_copy":
-        assert blob_check is not None
-        result = blob_check(wait)
-        return await result if inspect.isawaitable(result) else result
+        return await blob_copy(wait)
     rid = ResourceId.parse(wait.id)
     if wait.kind == "power":
         view = (await clients.compute.virtual_machines.instance_view(rid.resource_group, rid.name)).as_dict()
