@@ -47,8 +47,8 @@ class GoldsmithStepOperator(BaseOperator):
                 raise AirflowFailException(str(e)) from None
             except Pending as pending:
                 context["ti"].xcom_push(key="pending", value=pending.ids)
-                if self.deferrable:
-                    self.defer(trigger=pending.trigger, method_name="execute_complete")
+                if self.deferrable:  # bounded like the task itself: a trigger never waits forever
+                    self.defer(trigger=pending.trigger, method_name="execute_complete", timeout=self.execution_timeout)
                 _check_event(asyncio.run(_first_event(pending.trigger)))
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
