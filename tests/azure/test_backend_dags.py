@@ -86,3 +86,16 @@ def test_windows_templates_load_for_the_azure_backend(tmp_path):
     assert "invalid-template" not in dag.tags
     assert [t for t in dag.task_ids if t.startswith(("customize.", "validate."))] == [
         "customize.0_powershell", "customize.1_windowsrestart", "customize.2_windowsupdate", "validate.0_powershell"]
+
+
+def test_the_janitor_dag_deletes_a_leaked_staging_group(airflow_env, arm_double):
+    env = airflow_env
+    write_template(env, "az-any", {"source": {"type": "PlatformImage", "publisher": "Debian", "offer": "debian-12",
+                                              "sku": "12"}, "distribute": [{"type": "VHD", "runOutputName": "v"}]})
+    leaked = f"/subscriptions/{arm_double.subscription_id}/resourceGroups/IT_images_az-any_leaked"
+    arm_double.seed(leaked, {"location": LOCATION, "tags": {
+        "createdBy": "goldsmith", "goldsmith.dagId": "az-any", "goldsmith.runId": "manual__never-ran",
+        "goldsmith.expiry": "2020-01-01T00:00:00+00:00"}})
+    result = dags_test(env, "goldsmith_azure_janitor")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    assert arm_double.get(leaked)["properties"]["provisioningState"] == "Deleting"
