@@ -32,12 +32,14 @@ from goldsmith.azure.hooks import AzureBuildHook, AzureSettingsError
 from goldsmith.azure.triggers import ArmWaitTrigger
 from goldsmith.build import Build, BuildError, Pending, destination_resource_group
 from goldsmith.communicator import CommunicatorError, SSHCommunicator
+from goldsmith.local.backend import _going_down
 from goldsmith.local.gallery import GalleryError, _check_version, _from_source, _next_latest
 from goldsmith.settings import goldsmith_home
 from goldsmith.template.plan import Step
 
 BUILD_USER = "goldsmith"
 SSH_READY_TIMEOUT = 600
+REBOOT_GRACE = 120  # seconds a VM that dropped the connection may take to go down
 EXPIRY_SLACK = timedelta(hours=2)  # after the build timeout, before the janitor may delete the staging group
 KEEP_FOR_DEBUGGING = timedelta(hours=24)  # errorHandling abort: how long the janitor leaves a kept VM alone
 MAX_UPDATE_ROUNDS = 10  # WindowsUpdate: search-install-restart rounds, as Packer's provisioner loops
@@ -552,15 +554,18 @@ class AzureBackend:
         return "\n".join(result.tail).strip()
 
     def _wait_out_reboot(self, boot_id: str) -> None:
-        """The script dropped the connection: wait until the VM answers with a new boot id (or, if it did not
-        reboot after all, with the old one after a grace period)."""
+        """The script dropped the connection, as a reboot does: wait until the VM answers with a new boot id; if
+        it still answers with the old one after REBOOT_GRACE seconds, it did not reboot."""
         self.log.info("the customizer dropped the connection (a reboot): waiting for the VM to come back")
-        deadline = time.monotonic() + SSH_READY_TIMEOUT
-        while time.monotonic() < deadline:
+        started = time.monotonic()
+        while True:
             time.sleep(10)
-            with self._connect() as comm:
-                if self._boot_id(comm) != boot_id or time.monotonic() > deadline - SSH_READY_TIMEOUT + 120:
+            with self._connect() as comm:  # waits for the VM to answer again
+                if self._boot_id(comm) != boot_id:
                     return
+            if time.monotonic() - started > REBOOT_GRACE:
+                self.log.info("the VM answers with the same boot id: it did not reboot")
+                return
 
     # --- customize and validate ----------------------------------------------------------------------------
 
@@ -576,7 +581,7 @@ class AzureBackend:
                     outcome = customizers.run_shell(
                         comm, inline=c.inline, script_uri=c.scriptUri, sha256=c.sha256Checksum or None,
                         on_line=self._on_line, name=step.name)
-                    if outcome.rebooted:
+                    if outcome.rebooted or _going_down(comm):
                         self._wait_out_reboot(boot_id)
                 else:
                     customizers.run_file(comm, source_uri=c.sourceUri, destination=c.destination,
