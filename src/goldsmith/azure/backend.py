@@ -42,7 +42,6 @@ SSH_READY_TIMEOUT = 600
 REBOOT_GRACE = 120  # seconds a VM that dropped the connection may take to go down
 EXPIRY_SLACK = timedelta(hours=2)  # after the build timeout, before the janitor may delete the staging group
 KEEP_FOR_DEBUGGING = timedelta(hours=24)  # errorHandling abort: how long the janitor leaves a kept VM alone
-MAX_UPDATE_ROUNDS = 10  # WindowsUpdate: search-install-restart rounds, as Packer's provisioner loops
 EGRESS_IP_URL = "https://api.ipify.org"
 VHD_SAS_SECONDS = 4 * 3600
 RUN_COMMAND_TIMEOUT = 90 * 60  # Azure's limit for one Run Command
@@ -543,7 +542,7 @@ class AzureBackend:
         result = self._run_command(key, f"echo '{public}' >> /home/{BUILD_USER}/.ssh/authorized_keys")
         self._delete_run_commands(key)
         if result["exitCode"] != 0:
-            raise RuntimeError(f"could not install a new SSH key on the build VM:\n{_tail(result)}")
+            raise RuntimeError(f"could not install a new SSH key on the build VM:\n{windows.tail(result)}")
         marker.unlink()
 
     def _on_line(self, line: str) -> None:
@@ -611,66 +610,16 @@ class AzureBackend:
     # --- Windows, through Run Command ----------------------------------------------------------------------
 
     def _windows_step(self, step: Step, *, validator: bool) -> dict[str, Any]:
-        """Each script of a step is a Run Command named after the step and its part: a step called again (after
-        a wait, or on a retry) skips the parts that ran."""
-        c, key = step.item, step.task_id
+        """Each script of the step is a Run Command named after the step and its part: a step called again (after
+        a wait, or on a retry) skips the parts that ran. They are deleted when the step ends, so a retry after a
+        failure runs them again."""
         try:
-            if c.type == "PowerShell":
-                self._powershell(key, c, step.name)
-            elif c.type == "File":
-                self._windows_file(key, c)
-            elif c.type == "WindowsRestart":
-                self._restart(key, c.restartCommand, c.restartCheckCommand, windows.timeout_seconds(c.restartTimeout))
-            else:
-                self._windows_update(key, c)
+            windows.run_customizer(step.item, step.task_id, step.name, self._run_command, self.log)
         except (BuildError, customizers.CustomizerError) as e:
-            self._delete_run_commands(key)
+            self._delete_run_commands(step.task_id)
             raise BuildError(f"{step.task_id}: {'validation failed: ' if validator else ''}{e}") from None
-        self._delete_run_commands(key)
+        self._delete_run_commands(step.task_id)
         return {"step": step.task_id, **({"passed": True} if validator else {})}
-
-    def _powershell(self, key: str, c: Any, name: str) -> None:
-        if not c.runElevated:
-            self.log.info("Run Command runs scripts as LocalSystem: PowerShell %r runs elevated", name)
-        script = "\n".join(c.inline) if c.inline is not None else customizers.fetch(
-            c.scriptUri, c.sha256Checksum or None).decode("utf-8-sig")
-        result = self._run_command(f"{key}/script", script)
-        if result["exitCode"] not in c.validExitCodes:
-            raise BuildError(f"PowerShell {name!r} exited with {result['exitCode']} (validExitCodes "
-                             f"{c.validExitCodes}); last output:\n{_tail(result)}")
-
-    def _windows_file(self, key: str, c: Any) -> None:
-        data = customizers.fetch(c.sourceUri, c.sha256Checksum or None)
-        size = windows.FILE_CHUNK_BYTES
-        chunks = [data[i:i + size] for i in range(0, len(data), size)] or [b""]
-        digest = hashlib.sha256(data).hexdigest()
-        for i, chunk in enumerate(chunks):
-            script = windows.file_chunk(c.destination, chunk, first=i == 0,
-                                        sha256=digest if i == len(chunks) - 1 else None)
-            result = self._run_command(f"{key}/chunk{i}", script)
-            if result["exitCode"] != 0:
-                raise BuildError(f"File: writing {c.destination} failed; its directory must exist:\n{_tail(result)}")
-
-    def _restart(self, key: str, command: str, check: str, timeout: int) -> None:
-        before = self._run_command(f"{key}/restart", windows.restart(command))
-        boot = next((line[len(windows.BOOT_MARKER):] for line in before["output"].splitlines()
-                     if line.startswith(windows.BOOT_MARKER)), None)
-        if boot is None:
-            raise BuildError(f"the restart script did not report the boot time:\n{_tail(before)}")
-        after = self._run_command(f"{key}/check", windows.restart_check(boot, check, timeout))
-        if after["exitCode"] != 0:
-            raise BuildError(f"the VM did not come back from the restart:\n{_tail(after)}")
-
-    def _windows_update(self, key: str, c: Any) -> None:
-        script = windows.windows_update(c.searchCriteria, c.filters, c.updateLimit)
-        for round_ in range(MAX_UPDATE_ROUNDS):
-            result = self._run_command(f"{key}/update{round_}", script)
-            if result["exitCode"] != 0:
-                raise BuildError(f"Windows Update failed:\n{_tail(result)}")
-            if windows.REBOOT_MARKER not in result["output"]:
-                return
-            self._restart(f"{key}/update{round_}", windows.UPDATE_RESTART_COMMAND, "", windows.UPDATE_RESTART_SECONDS)
-        raise BuildError(f"updates still wanted a restart after {MAX_UPDATE_ROUNDS} rounds")
 
     def _run_command(self, key: str, script: str) -> dict[str, Any]:
         """Runs a script once per key as a managed Run Command (a resource named after the key, so a step called
@@ -719,7 +668,7 @@ class AzureBackend:
                     result = self._run_command("generalize/sysprep", windows.SYSPREP)
                     if result["exitCode"] != 0:
                         self._delete_run_commands("generalize")
-                        raise BuildError(f"generalize: sysprep failed:\n{_tail(result)}")
+                        raise BuildError(f"generalize: sysprep failed:\n{windows.tail(result)}")
                 else:
                     self._deprovision_linux()
                 # The build user is gone now: a retry must not try to log in and deprovision again.
@@ -1037,8 +986,3 @@ def _run_command_name(key: str) -> str:
 
 def _version_key(version: str) -> tuple[int, ...]:
     return tuple(int(p) if p.isdigit() else -1 for p in version.split("."))
-
-
-def _tail(result: dict[str, Any], lines: int = 30) -> str:
-    text = (result["output"] + "\n" + result["error"]).strip().splitlines()
-    return "\n".join(f"    {line}" for line in text[-lines:])

@@ -1,18 +1,31 @@
-"""PowerShell for Windows build VMs, run through VM Run Command (which runs scripts as LocalSystem).
+"""Windows customizers and validators as PowerShell run through VM Run Command (which runs scripts as
+LocalSystem, so every script runs elevated).
 
 What Packer's powershell, windows-restart, windows-update (rgl/packer-provisioner-windows-update) and file
 provisioners do over WinRM for AIB, as self-contained scripts. Values from the template are embedded as
-single-quoted PowerShell strings, never interpolated.
+single-quoted PowerShell strings, never interpolated. `run_customizer` drives one customizer through a
+`run(key, script)` that returns the Run Command's {exitCode, output, error} (or raises Pending while it runs).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import logging
 import re
+from typing import Any, Callable
+
+from goldsmith import customizers
+from goldsmith.build import BuildError
+
+Run = Callable[[str, str], dict[str, Any]]
 
 REBOOT_MARKER = "goldsmith: reboot required"
 BOOT_MARKER = "goldsmith-boot:"
 DEFAULT_SEARCH_CRITERIA = "BrowseOnly=0 and IsInstalled=0"  # AIB's documented default
+MAX_UPDATE_ROUNDS = 10  # search-install-restart rounds, as Packer's windows-update provisioner loops
+UPDATE_RESTART_COMMAND = 'shutdown /r /f /t 0 /c "goldsmith windows update"'
+UPDATE_RESTART_SECONDS = 1800
 FILE_CHUNK_BYTES = 150_000  # base64 of a chunk plus the script stays under Run Command's 256 KB script limit
 
 
@@ -27,7 +40,7 @@ def timeout_seconds(value: str) -> int:
     return int(number) * {"s": 1, "m": 60, "h": 3600}[unit]
 
 
-def restart(restart_command: str) -> str:
+def restart_script(restart_command: str) -> str:
     """Prints the boot time, then runs the restart command detached after a pause, so that Run Command
     reports this script's success before the VM goes down."""
     return "\n".join([
@@ -39,7 +52,7 @@ def restart(restart_command: str) -> str:
     ])
 
 
-def restart_check(boot_before: str, check_command: str, timeout: int) -> str:
+def restart_check_script(boot_before: str, check_command: str, timeout: int) -> str:
     """Waits until the VM has booted since `boot_before`, then until `check_command` (if any) succeeds."""
     lines = [
         f"$before = [datetime]::Parse({quote(boot_before)}).ToUniversalTime()",
@@ -64,7 +77,7 @@ def restart_check(boot_before: str, check_command: str, timeout: int) -> str:
     return "\n".join(lines + ["exit 0"])
 
 
-def windows_update(search_criteria: str, filters: list[str], update_limit: int) -> str:
+def update_script(search_criteria: str, filters: list[str], update_limit: int) -> str:
     """One round of search, download and install through the Windows Update Agent API. Prints REBOOT_MARKER
     when the installed updates need a restart; the caller restarts and runs another round.
 
@@ -102,7 +115,7 @@ def windows_update(search_criteria: str, filters: list[str], update_limit: int) 
     ])
 
 
-def file_chunk(destination: str, data: bytes, *, first: bool, sha256: str | None) -> str:
+def file_chunk_script(destination: str, data: bytes, *, first: bool, sha256: str | None) -> str:
     """Writes (first chunk) or appends one chunk of a File customizer's bytes; the last chunk, given the
     file's sha256, checks the whole file."""
     encoded = base64.b64encode(data).decode()
@@ -145,5 +158,61 @@ exit 0
 """.strip()
 
 
-UPDATE_RESTART_COMMAND = 'shutdown /r /f /t 0 /c "goldsmith windows update"'
-UPDATE_RESTART_SECONDS = 1800
+def run_customizer(c: Any, key: str, name: str, run: Run, log: logging.Logger) -> None:
+    """Runs the PowerShell, File, WindowsRestart or WindowsUpdate customizer (or validator) `c`, its scripts as
+    Run Commands keyed `<key>/<part>`; raises BuildError saying what failed, with the output's tail."""
+    if c.type == "PowerShell":
+        if not c.runElevated:
+            log.info("Run Command runs scripts as LocalSystem: PowerShell %r runs elevated", name)
+        script = "\n".join(c.inline) if c.inline is not None else customizers.fetch(
+            c.scriptUri, c.sha256Checksum or None).decode("utf-8-sig")
+        result = run(f"{key}/script", script)
+        if result["exitCode"] not in c.validExitCodes:
+            raise BuildError(f"PowerShell {name!r} exited with {result['exitCode']} (validExitCodes "
+                             f"{c.validExitCodes}); last output:\n{tail(result)}")
+    elif c.type == "File":
+        _file(c, key, run)
+    elif c.type == "WindowsRestart":
+        _restart(key, c.restartCommand, c.restartCheckCommand, timeout_seconds(c.restartTimeout), run)
+    else:
+        _update(c, key, run)
+
+
+def _file(c: Any, key: str, run: Run) -> None:
+    data = customizers.fetch(c.sourceUri, c.sha256Checksum or None)
+    chunks = [data[i:i + FILE_CHUNK_BYTES] for i in range(0, len(data), FILE_CHUNK_BYTES)] or [b""]
+    digest = hashlib.sha256(data).hexdigest()
+    for i, chunk in enumerate(chunks):
+        result = run(f"{key}/chunk{i}", file_chunk_script(c.destination, chunk, first=i == 0,
+                                                          sha256=digest if i == len(chunks) - 1 else None))
+        if result["exitCode"] != 0:
+            raise BuildError(f"File: writing {c.destination} failed; its directory must exist:\n{tail(result)}")
+
+
+def _restart(key: str, command: str, check: str, timeout: int, run: Run) -> None:
+    before = run(f"{key}/restart", restart_script(command))
+    boot = next((line[len(BOOT_MARKER):] for line in before["output"].splitlines()
+                 if line.startswith(BOOT_MARKER)), None)
+    if boot is None:
+        raise BuildError(f"the restart script did not report the boot time:\n{tail(before)}")
+    after = run(f"{key}/check", restart_check_script(boot, check, timeout))
+    if after["exitCode"] != 0:
+        raise BuildError(f"the VM did not come back from the restart:\n{tail(after)}")
+
+
+def _update(c: Any, key: str, run: Run) -> None:
+    script = update_script(c.searchCriteria, c.filters, c.updateLimit)
+    for round_ in range(MAX_UPDATE_ROUNDS):
+        result = run(f"{key}/update{round_}", script)
+        if result["exitCode"] != 0:
+            raise BuildError(f"Windows Update failed:\n{tail(result)}")
+        if REBOOT_MARKER not in result["output"]:
+            return
+        _restart(f"{key}/update{round_}", UPDATE_RESTART_COMMAND, "", UPDATE_RESTART_SECONDS, run)
+    raise BuildError(f"updates still wanted a restart after {MAX_UPDATE_ROUNDS} rounds")
+
+
+def tail(result: dict[str, Any], lines: int = 30) -> str:
+    """The last lines of a Run Command's output and error, indented for an error message."""
+    text = (result["output"] + "\n" + result["error"]).strip().splitlines()
+    return "\n".join(f"    {line}" for line in text[-lines:])
