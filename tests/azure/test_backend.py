@@ -598,3 +598,13 @@ def test_a_worker_without_the_ssh_key_installs_a_new_one_through_run_command(env
         assert not [r for r in arm_double.resources() if "/runCommands/" in r]
     finally:
         drive(lambda: backend.cleanup(keep_vm=False))
+
+
+def test_a_named_staging_group_that_does_not_exist_is_created_and_deleted(env, arm_double, tmp_path):
+    group = f"/subscriptions/{arm_double.subscription_id}/resourceGroups/named-staging"
+    backend = AzureBackend(make_build(tmp_path, {"source": DEBIAN, "stagingResourceGroup": group, "distribute": [
+        {"type": "VHD", "runOutputName": "v", "uri": "https://x.invalid/c"}]}))
+    assert drive(backend.prepare_staging) == {"stagingResourceGroup": group, "created": True}
+    assert arm_double.get(group)["tags"]["createdBy"] == "goldsmith"
+    assert drive(lambda: backend.cleanup(keep_vm=False))["removed"] is True
+    assert arm_double.get(group) is None  # as AIB deletes a staging group it created
