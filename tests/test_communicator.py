@@ -190,6 +190,11 @@ def test_waits_for_cloud_init_when_present(tmp_path, caplog):
             comm.wait_until_ready(timeout=10)
     assert calls.read_text() == "status --wait\n"
     assert "cloud-init finished with exit code 2: status: degraded done" in caplog.text
+    with running_sshd(env={"PATH": f"{bin_dir}:/usr/bin:/bin"}) as server:
+        with server.communicator() as comm:
+            comm.wait_until_ready(timeout=10, cloud_init=False)  # a later step of the same boot
+            assert comm.run("true").exit_code == 0
+    assert calls.read_text() == "status --wait\n"
 
 
 def test_unreadable_key_is_a_clear_error(tmp_path):

@@ -110,8 +110,9 @@ class SSHCommunicator:
 
     # -- connecting ---------------------------------------------------------------------------
 
-    def wait_until_ready(self, timeout: float) -> None:
-        """Connect (retrying while the VM boots), then wait for cloud-init to finish, if present.
+    def wait_until_ready(self, timeout: float, *, cloud_init: bool = True) -> None:
+        """Connect (retrying while the VM boots), then wait for cloud-init to finish, if present
+        (``cloud_init=False``: the caller knows it finished during this boot).
 
         Refused, reset and dropped connections and failed logins are retried until `timeout`
         seconds have passed: during first boot sshd may not listen yet, cloud-init may not have
@@ -124,7 +125,8 @@ class SSHCommunicator:
             attempt += 1
             try:
                 self._connect(key)
-                self._wait_for_cloud_init(deadline)
+                if cloud_init:
+                    self._wait_for_cloud_init(deadline)
                 return
             except CommandTimeout as e:
                 raise NotReady(f"{self}: cloud-init did not finish within {timeout:.0f}s: "

@@ -99,8 +99,9 @@ def to_qcow2(src: Path, dst: Path, compress: bool = True) -> Path:
     """A standalone qcow2 (no backing file) of ``src``; compressed with zstd unless ``compress=False``."""
     src, dst = Path(src), Path(dst)
     partial = dst.with_name(dst.name + ".partial")
-    # zstd: about 3x faster than the default zlib here, and smaller (needs QEMU >= 5.1 to read).
-    options = ["-c", "-o", "compression_type=zstd"] if compress else []
+    # zstd: about 4x faster than the default zlib here, and smaller (needs QEMU >= 5.1 to read); -m 8 -W
+    # (parallel, out-of-order writes) compresses on every core: 3.7 s instead of 9.6 s for the Debian base.
+    options = ["-c", "-o", "compression_type=zstd", "-m", "8", "-W"] if compress else []
     try:
         _qemu_img("convert", "-f", image_format(src), "-O", "qcow2", *options, src, partial)
         partial.rename(dst)
