@@ -1,6 +1,6 @@
 """Every real AIB sample and spec example has a pinned outcome, with and without --allow-placeholders.
 
-The samples (../shared/aib/samples, from github.com/Azure/azvmimagebuilder) are what users write: `<token>`
+The samples (tests/template/aib/samples, copied from ../shared/aib and github.com/Azure/azvmimagebuilder) are what users write: `<token>`
 placeholders and ARM deployment templates whose parameters have no value. Checked through `goldsmith validate`
 in-process, so the pinned lines are exactly what a user reads (minus the leading file name).
 """
@@ -19,7 +19,9 @@ import pytest
 from goldsmith.cli import main
 from goldsmith.template.loader import load_template
 
-AIB = Path(__file__).resolve().parents[3] / "shared" / "aib"
+# A copy of ../shared/aib/{samples,spec/examples} (MIT; origins in samples/MANIFEST.tsv and spec/SOURCE.md), so the
+# suite runs wherever the clone lives.
+AIB = Path(__file__).resolve().parent / "aib"
 SAMPLES = AIB / "samples"
 EXAMPLES = AIB / "spec" / "examples"
 
