@@ -69,7 +69,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     e["AIRFLOW__OPENLINEAGE__TRANSPORT"] = json.dumps(
         {"type": "file", "log_file_path": str(root / "openlineage.jsonl"), "append": True})
     # The listener emits from a forked process it kills after 10 s by default: too short on a loaded 2-core host.
-    e["AIRFLOW__OPENLINEAGE__EXECUTION_TIMEOUT"] = "300"
+    e["AIRFLOW__OPENLINEAGE__EXECUTION_TIMEOUT"] = "60"
     prepare(e)
     e["ROOT"] = str(root)
     return e

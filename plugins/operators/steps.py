@@ -157,14 +157,15 @@ class DistributeOperator(GoldsmithStepOperator):
             "dagRunId": build.run_id, "regions": [r.name for r in getattr(step.item, "targetRegions", None) or []],
             "startDate": context["ti"].start_date.isoformat() if context["ti"].start_date else None,
         }
+        # Kept for the OpenLineage listener, which calls the method below in a forked process: there an XCom
+        # read would go through the task runner's channel to its supervisor, shared with the parent, and hang.
+        self._openlineage = lineage.openlineage_for_distribution(
+            lineage.source_uri(build.plan.template.properties.source), self.outlets[0].uri, output, source,
+            build.plan.digest)
         return output
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
-        output = task_instance.xcom_pull(task_ids=self.task_id)
-        plan = BuildPlan.model_validate(task_instance.xcom_pull(task_ids="plan"))
-        source = task_instance.xcom_pull(task_ids="plan", key="source") or {}
-        return lineage.openlineage_for_distribution(
-            lineage.source_uri(plan.template.properties.source), self.outlets[0].uri, output, source, plan.digest)
+        return getattr(self, "_openlineage", None)
 
 
 class CleanupStagingOperator(GoldsmithStepOperator):
