@@ -89,15 +89,16 @@ def qemu_processes(home: Path) -> list[str]:
     return [line for line in out.splitlines() if str(home) in line]
 
 
-def read_file_from_image(image: Path, path: str, work: Path) -> str:
-    """Reads a file from the root filesystem inside a disk image, without booting or mounting it."""
+def read_file_from_image(image: Path, path: str, work: Path, command: str = "cat") -> str:
+    """Reads a file (or with command="ls", a directory) from the root filesystem inside a disk image, without
+    booting or mounting it."""
     raw = work / "image.raw"
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
     table = json.loads(subprocess.run(["sfdisk", "--json", str(raw)], check=True, capture_output=True,
                                       text=True).stdout)["partitiontable"]
     root = max(table["partitions"], key=lambda p: p["size"])  # the root filesystem is the big partition
     offset = root["start"] * table.get("sectorsize", 512)
-    out = subprocess.run(["debugfs", "-R", f"cat {path}", f"{raw}?offset={offset}"], check=True,
+    out = subprocess.run(["debugfs", "-R", f"{command} {path}", f"{raw}?offset={offset}"], check=True,
                          capture_output=True, text=True)
     raw.unlink()
     return out.stdout
@@ -137,6 +138,8 @@ def test_build_customize_reboot_validate_and_distribute_everywhere(env: dict[str
     assert read_file_from_image(image, "/etc/goldsmith-e2e", tmp_path) == "customized by goldsmith\n"
     assert "File customizer" in read_file_from_image(image, "/etc/goldsmith-payload", tmp_path)
     assert read_file_from_image(image, "/etc/machine-id", tmp_path).strip() == ""  # generalized
+    # The build VM's later boots skipped cloud-init; the image's first boot runs it.
+    assert "goldsmith-build-vm" not in read_file_from_image(image, "/etc", tmp_path, command="ls")
 
     assert qemu_processes(home) == []
     assert not any((home / "staging").iterdir())

@@ -177,9 +177,10 @@ class SSHCommunicator:
 
     def _wait_for_cloud_init(self, deadline: float) -> None:
         # Customizing while cloud-init still runs races with it (apt locks, users, sshd restarts).
-        # /run/cloud-init/result.json appears when cloud-init is done with this boot (/run is emptied at
-        # boot); testing it first saves `cloud-init status`, which takes seconds to start under emulation.
-        script = ("test -f /run/cloud-init/result.json && exit 0; "
+        # /run/cloud-init/result.json appears when cloud-init is done with this boot, /run/cloud-init/disabled
+        # when it is off for this boot (/run is emptied at boot); testing them first saves `cloud-init status`,
+        # which takes seconds to start under emulation.
+        script = ("test -f /run/cloud-init/result.json -o -f /run/cloud-init/disabled && exit 0; "
                   "if command -v cloud-init >/dev/null 2>&1; then cloud-init status --wait; else exit 100; fi")
         result = self.run(script, on_line=lambda line: log.info("cloud-init: %s", line),
                           timeout=max(deadline - time.monotonic(), 1.0))

@@ -2,8 +2,9 @@
 
 The staging area is a directory `$GOLDSMITH_HOME/staging/IT_<rg>_<template>_<guid>/` holding everything a
 build makes: the ephemeral SSH key, the copy-on-write overlay over the source disk, the cloud-init seed, the
-VM's pid/port (vm.json), its serial console log and the captured image. Every step finds its inputs there by
-name, so steps run in separate processes and a retried step adopts what an earlier try made.
+VM's pid/port (vm.json), its serial console log, `ready` (the VM boot that has answered SSH with cloud-init
+done, so later steps connect at once) and the captured image. Every step finds its inputs there by name, so
+steps run in separate processes and a retried step adopts what an earlier try made.
 """
 
 from __future__ import annotations
@@ -112,8 +113,9 @@ class LocalBackend:
                 hostname=self.build.plan.name, key_path=self.staging / "id_ed25519",
             )
         started = time.monotonic()
-        with self._connect(vm):
-            pass
+        with self._connect(vm) as comm:
+            # cloud-init has done its work: the base image's GRUB skips it at the build VM's later boots.
+            _run_root(comm, f"touch {baseimage.BUILD_VM_MARKER}")
         self.log.info("build VM ready: ssh on 127.0.0.1:%s after %.0f s (%s)", vm.port, time.monotonic() - started,
                       vm.accel)
         return {"pid": vm.pid, "port": vm.port, "accel": vm.accel}
@@ -233,6 +235,7 @@ class LocalBackend:
         vm, comm = self._session()
         with comm:
             try:
+                _run_root(comm, f"rm -f {baseimage.BUILD_VM_MARKER}")  # the image boots with cloud-init
                 customizers.deprovision(comm, on_line=self._on_line)
             except customizers.CustomizerError as e:
                 raise BuildError(f"generalize: {e}") from None
@@ -325,6 +328,12 @@ class LocalBackend:
         shutil.rmtree(self.staging)
         self.log.info("removed staging area %s", self.staging)
         return {"removed": True}
+
+
+def _run_root(comm: SSHCommunicator, command: str) -> None:
+    result = comm.run(f"sudo -n {command}")
+    if result.exit_code != 0:
+        raise BuildError(f"`sudo {command}` failed in the build VM (exit {result.exit_code}): {' | '.join(result.tail)}")
 
 
 def _going_down(comm: SSHCommunicator) -> bool:
