@@ -32,9 +32,9 @@ DAG_FACTORY_PATH = Path(sys.prefix) / "dag-factory"
 # Run in a fresh interpreter: import Airflow first (the DAG processor has), then time the parse alone.
 PARSE = """
 import json, sys, time
-from airflow.models.dagbag import DagBag
+from airflow.dag_processing.dagbag import DagBag
 start = time.perf_counter()
-bag = DagBag(sys.argv[1], include_examples=False, safe_mode=False)
+bag = DagBag(sys.argv[1], safe_mode=False)
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "dags": len(bag.dags), "errors": len(bag.import_errors)}))
 """
