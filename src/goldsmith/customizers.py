@@ -248,6 +248,39 @@ def run_validator_file(comm: SSHCommunicator, *, source_uri: str, destination: s
         raise ValidationFailed(name, None, [], reason=str(e)) from e
 
 
+# -- a template's Linux steps, by type (what every backend's SSH path runs) -------------------------------
+
+
+def run_linux_customizer(comm: SSHCommunicator, customizer, *, name: str, on_line: Callable[[str], None]) -> bool:
+    """A Shell or File customizer (the template model's object); True when the guest is rebooting after it."""
+    c = customizer
+    if c.type == "File":
+        run_file(comm, source_uri=c.sourceUri, destination=c.destination, sha256=c.sha256Checksum or None, name=name)
+        return False
+    if c.type != "Shell":  # refused at plan time; a guard for plans made by another version
+        raise CustomizerError(f"{c.type} customizers need a Windows build VM (the azure backend)")
+    outcome = run_shell(comm, inline=c.inline, script_uri=c.scriptUri, sha256=c.sha256Checksum or None,
+                        on_line=on_line, name=name)
+    return outcome.rebooted or going_down(comm)
+
+
+def run_linux_validator(comm: SSHCommunicator, validator, *, name: str, on_line: Callable[[str], None]) -> None:
+    """A Shell or File in-VM validator (the template model's object); failures raise ValidationFailed."""
+    v = validator
+    if v.type == "Shell":
+        run_validator_shell(comm, inline=v.inline, script_uri=v.scriptUri, sha256=v.sha256Checksum or None,
+                            on_line=on_line, name=name)
+    else:
+        run_validator_file(comm, source_uri=v.sourceUri, destination=v.destination,
+                           sha256=v.sha256Checksum or None, name=name)
+
+
+def going_down(comm: SSHCommunicator) -> bool:
+    """`systemctl reboot` returns at once, so a script can end with exit 0 while the guest shuts down."""
+    result = comm.run("systemctl is-system-running 2>/dev/null || true")
+    return result.disconnected or (result.tail[-1:] == ["stopping"])
+
+
 # -- deprovision --------------------------------------------------------------------------------
 
 # Run as root with the build user's name as $1. Mirrors `waagent -force -deprovision+user` for images

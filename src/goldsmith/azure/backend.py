@@ -32,7 +32,6 @@ from goldsmith.azure.hooks import AzureBuildHook, AzureSettingsError
 from goldsmith.azure.triggers import ArmWaitTrigger
 from goldsmith.build import Build, BuildError, Pending, destination_resource_group
 from goldsmith.communicator import CommunicatorError, SSHCommunicator
-from goldsmith.local.backend import _going_down
 from goldsmith.local.gallery import GalleryError, _check_version, _from_source, _next_latest
 from goldsmith.settings import goldsmith_home
 from goldsmith.template.plan import Step
@@ -575,16 +574,9 @@ class AzureBackend:
                 return self._windows_step(step, validator=False)
         try:
             with self._connect() as comm:
-                if c.type == "Shell":
-                    boot_id = self._boot_id(comm)
-                    outcome = customizers.run_shell(
-                        comm, inline=c.inline, script_uri=c.scriptUri, sha256=c.sha256Checksum or None,
-                        on_line=self._on_line, name=step.name)
-                    if outcome.rebooted or _going_down(comm):
-                        self._wait_out_reboot(boot_id)
-                else:
-                    customizers.run_file(comm, source_uri=c.sourceUri, destination=c.destination,
-                                         sha256=c.sha256Checksum or None, name=step.name)
+                boot_id = self._boot_id(comm) if c.type == "Shell" else None  # to tell a reboot happened
+                if customizers.run_linux_customizer(comm, c, name=step.name, on_line=self._on_line):
+                    self._wait_out_reboot(boot_id)
         except customizers.CustomizerError as e:
             raise BuildError(f"{step.task_id}: {e}") from None
         return {"step": step.task_id}
@@ -596,13 +588,7 @@ class AzureBackend:
                 return self._windows_step(step, validator=True)
         try:
             with self._connect() as comm:
-                if v.type == "Shell":
-                    customizers.run_validator_shell(
-                        comm, inline=v.inline, script_uri=v.scriptUri, sha256=v.sha256Checksum or None,
-                        on_line=self._on_line, name=step.name)
-                else:
-                    customizers.run_validator_file(comm, source_uri=v.sourceUri, destination=v.destination,
-                                                   sha256=v.sha256Checksum or None, name=step.name)
+                customizers.run_linux_validator(comm, v, name=step.name, on_line=self._on_line)
         except customizers.CustomizerError as e:
             raise BuildError(f"{step.task_id}: validation failed: {e}") from None
         return {"step": step.task_id, "passed": True}

@@ -183,17 +183,8 @@ class LocalBackend:
         vm, comm = self._session()
         try:
             with comm:
-                if c.type == "Shell":
-                    outcome = customizers.run_shell(
-                        comm, inline=c.inline, script_uri=c.scriptUri, sha256=c.sha256Checksum or None,
-                        on_line=self._on_line, name=step.name)
-                    if outcome.rebooted or _going_down(comm):
-                        self._wait_out_reboot(vm)
-                elif c.type == "File":
-                    customizers.run_file(comm, source_uri=c.sourceUri, destination=c.destination,
-                                         sha256=c.sha256Checksum or None, name=step.name)
-                else:  # refused at plan time; kept as a guard for plans made by another version
-                    raise BuildError(f"{c.type} customizers need the azure backend")
+                if customizers.run_linux_customizer(comm, c, name=step.name, on_line=self._on_line):
+                    self._wait_out_reboot(vm)
         except customizers.CustomizerError as e:  # downloads were already retried inside fetch()
             raise BuildError(f"{step.task_id}: {e}") from None
         return {"step": step.task_id}
@@ -213,13 +204,7 @@ class LocalBackend:
         _, comm = self._session()
         try:
             with comm:
-                if v.type == "Shell":
-                    customizers.run_validator_shell(
-                        comm, inline=v.inline, script_uri=v.scriptUri, sha256=v.sha256Checksum or None,
-                        on_line=self._on_line, name=step.name)
-                else:
-                    customizers.run_validator_file(comm, source_uri=v.sourceUri, destination=v.destination,
-                                                   sha256=v.sha256Checksum or None, name=step.name)
+                customizers.run_linux_validator(comm, v, name=step.name, on_line=self._on_line)
         except customizers.CustomizerError as e:
             raise BuildError(f"{step.task_id}: validation failed: {e}") from None
         return {"step": step.task_id, "passed": True}
@@ -334,12 +319,6 @@ def _run_root(comm: SSHCommunicator, command: str) -> None:
     result = comm.run(f"sudo -n {command}")
     if result.exit_code != 0:
         raise BuildError(f"`sudo {command}` failed in the build VM (exit {result.exit_code}): {' | '.join(result.tail)}")
-
-
-def _going_down(comm: SSHCommunicator) -> bool:
-    """`systemctl reboot` returns at once, so a script can end with exit 0 while the guest shuts down."""
-    result = comm.run("systemctl is-system-running 2>/dev/null || true")
-    return result.disconnected or (result.tail[-1:] == ["stopping"])
 
 
 def _now() -> str:
