@@ -7,7 +7,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap genisoimage openssh-client
 	e2fsprogs fdisk gdisk grub-pc-bin grub2-common mount util-linux postgresql
 STAMP := $(VENV)/.installed
 
-.PHONY: setup apt demo test test-fast bench clean
+.PHONY: setup apt demo test test-fast lint bench clean
 setup: apt $(STAMP)
 
 # Installs only what is missing, so a second run costs a dpkg query.
@@ -36,8 +36,13 @@ $(AZURITE):
 demo: setup
 	$(PY) -m goldsmith.demo
 
-test: setup
+test: setup lint
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+# ruff over the whole tree, mypy over the files pyproject's [tool.mypy] lists.
+lint: setup
+	$(VENV)/bin/ruff check src plugins tests bench
+	$(VENV)/bin/mypy
 
 # The step logic without real VM builds (seconds, not minutes).
 test-fast: setup

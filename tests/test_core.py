@@ -11,9 +11,10 @@ from goldsmith import core
 from goldsmith.core import BuildError, Pending
 
 
-@pytest.mark.parametrize("registry,name", [(r, n) for r in (core.BACKENDS, core.TRIGGERS) for n in r])
+@pytest.mark.parametrize("registry,name", [(r, n) for r in (core.BACKENDS, core.TRIGGERS, core.SOURCES, core.PUBLISHED)
+                                           for n in r])
 def test_every_registered_name_resolves(registry, name):
-    assert isinstance(core.load(registry, name), type)
+    assert callable(core.load(registry, name))
 
 
 def test_a_wait_is_plain_json_and_becomes_its_trigger():

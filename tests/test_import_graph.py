@@ -102,8 +102,27 @@ def test_no_private_name_of_another_package():
     assert offenders == []
 
 
+BACKENDS = ("goldsmith.local", "goldsmith.azure")
+# The Airflow-facing modules of a backend: its hook (credentials from an Airflow connection), its trigger and the
+# janitor DAG. Its build steps wait through plain-JSON waits (core.Pending) instead.
+AIRFLOW_FACING = {"goldsmith.azure.hooks", "goldsmith.azure.triggers", "goldsmith.azure.janitor"}
+
+
+def test_a_backend_imports_no_other_backend_and_its_steps_no_airflow():
+    offenders = []
+    for m, p in MODULES.items():
+        if _top(m) not in BACKENDS:
+            continue
+        for target, _ in _imports(m, p):
+            if _top(target) in BACKENDS and _top(target) != _top(m):
+                offenders.append(f"{m} imports {target}")
+            if target.split(".")[0] == "airflow" and m not in AIRFLOW_FACING:
+                offenders.append(f"{m} imports {target}")
+    assert offenders == []
+
+
 def test_the_core_imports_no_backend_and_no_airflow():
-    core = ["goldsmith.core", "goldsmith.versions"]
+    core = ["goldsmith.core", "goldsmith.versions", "goldsmith.provenance", "goldsmith.runpolicy"]
     offenders = [f"{m} imports {target}" for m in core for target, _ in _imports(m, MODULES[m])
                  if _top(target) in ("goldsmith.local", "goldsmith.azure", "goldsmith.operators")
                  or target.split(".")[0] == "airflow"]

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 from airflow.sdk import Asset, AssetOrTimeSchedule
 
-from goldsmith import lineage, runoutputs
+from goldsmith import lineage, runoutputs, runpolicy
 from goldsmith.dag_factory import build_dags
 from goldsmith.local.gallery import LocalGallery
-from goldsmith.operators.steps import _unchanged_since
 from goldsmith.template.loader import load_template
 from goldsmith.template.plan import make_plan
 from goldsmith.triggers import MAX_CONSECUTIVE_FAILURES, SourceVersionTrigger
@@ -147,9 +146,10 @@ def test_lineage_ancestors_descendants_and_outdated(home: Path, disk: Path) -> N
 def test_unchanged_builds_are_skipped_with_the_reason(tmp_path: Path, home: Path) -> None:
     plan = make_plan(load_template(write(tmp_path, "base", PLATFORM)))
     source = {"type": "PlatformImage", "id": "Debian:debian-12:12:0.1.1", "exactVersion": "0.1.1"}
-    assert _unchanged_since(plan, source) is None  # never built
+    unchanged = lambda source: runpolicy.unchanged_since(plan, source, runoutputs.list_results("base"))  # noqa: E731
+    assert unchanged(source) is None  # never built
     runoutputs.record_result("base", "r1", succeeded=False, digest=plan.digest, source=source)
-    assert _unchanged_since(plan, source) is None  # only failed builds
+    assert unchanged(source) is None  # only failed builds
     runoutputs.record_result("base", "r2", succeeded=True, digest=plan.digest, source=source)
-    assert "nothing changed since the successful build r2" in _unchanged_since(plan, source)
-    assert _unchanged_since(plan, {**source, "exactVersion": "0.1.2"}) is None  # a new source version
+    assert "nothing changed since the successful build r2" in unchanged(source)
+    assert unchanged({**source, "exactVersion": "0.1.2"}) is None  # a new source version

@@ -15,7 +15,7 @@ from airflow.configuration import conf
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
-from goldsmith import lineage, runoutputs
+from goldsmith import lineage, runoutputs, runpolicy
 from goldsmith.core import Build, BuildError, Pending, backend_for, trigger_for
 from goldsmith.template.loader import TemplateError, load_template
 from goldsmith.template.plan import BuildPlan, make_plan
@@ -92,7 +92,7 @@ class PlanOperator(BaseOperator):
             raise AirflowFailException(str(e)) from None
         self.log.info("plan %s: digest %s, source %s", plan.name, plan.digest, source)
         if plan.options.rebuild == "onChange" and not context["params"].get("forceRebuild"):
-            reason = _unchanged_since(plan, source)
+            reason = runpolicy.unchanged_since(plan, source, runoutputs.list_results(plan.name))
             if reason:
                 self.log.info(reason)  # Airflow logs a skip as "Skipping task." without its message
                 raise AirflowSkipException(reason)
@@ -131,7 +131,7 @@ class ValidateOperator(GoldsmithStepOperator):
 
 class GeneralizeOperator(GoldsmithStepOperator):
     def run_step(self, build: Build, context: Context) -> Any:
-        failed = _failed_tasks(context, prefix="customize.")
+        failed = runpolicy.failed(_task_states(context), "customize.")
         if failed:  # runs after failed validations (continueDistributeOnFailure), never after failed customizers
             raise AirflowSkipException(f"not generalizing: {', '.join(failed)} failed")
         return backend_for(build).generalize()
@@ -173,36 +173,14 @@ class CleanupStagingOperator(GoldsmithStepOperator):
     """Always runs (a teardown): stops the VM and removes the staging area, unless errorHandling says abort."""
 
     def run_step(self, build: Build, context: Context) -> Any:
-        handling = build.plan.error_handling
-        on_customizer = build.params.get("onCustomizerError") or handling.onCustomizerError
-        keep = (on_customizer == "abort" and _failed_tasks(context, "customize.")) or (
-            handling.onValidationError == "abort" and _failed_tasks(context, "validate.")
-        )
-        outcome = backend_for(build).cleanup(keep_vm=bool(keep))
         states = _task_states(context)
-        distributed = [s for t, s in states.items() if t.startswith("distribute.")]
-        succeeded = bool(distributed) and all(s == "success" for s in distributed) and "failed" not in states.values()
-        runoutputs.record_result(build.plan.name, build.run_id, succeeded=succeeded, digest=build.plan.digest,
+        outcome = backend_for(build).cleanup(keep_vm=runpolicy.keep_vm(build.plan, build.params, states))
+        runoutputs.record_result(build.plan.name, build.run_id, succeeded=runpolicy.succeeded(states),
+                                 digest=build.plan.digest,
                                  source=context["ti"].xcom_pull(task_ids="plan", key="source"))
         return outcome
-
-
-def _unchanged_since(plan: BuildPlan, source: dict[str, Any]) -> str | None:
-    """Why this build would repeat the last successful one, or None when something changed."""
-    last = next((r for r in reversed(runoutputs.list_results(plan.name)) if r["succeeded"]), None)
-    if last and last["digest"] == plan.digest and (last["source"].get("id"), last["source"].get("exactVersion")) == (
-            source.get("id"), source.get("exactVersion")):
-        return (
-            f"nothing changed since the successful build {last['runId']}: same source {source['id']} "
-            f"({source.get('exactVersion')}), same template and scripts ({plan.digest[:19]}). Trigger with "
-            "forceRebuild to build anyway, or set \"goldsmith\": {\"rebuild\": \"always\"} for patch rebuilds.")
-    return None
 
 
 def _task_states(context: Context) -> dict[str, str]:
     states = context["ti"].get_task_states(dag_id=context["dag"].dag_id, run_ids=[context["run_id"]])
     return {t: s for t, s in states.get(context["run_id"], {}).items() if t != context["ti"].task_id}
-
-
-def _failed_tasks(context: Context, prefix: str) -> list[str]:
-    return sorted(t for t, s in _task_states(context).items() if t.startswith(prefix) and s == "failed")

@@ -16,9 +16,13 @@ import importlib
 import logging
 import re
 import uuid
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
+from goldsmith.provenance import Provenance
+from goldsmith.template.model import GoldsmithOptions, ImageTemplate
 from goldsmith.template.plan import BuildPlan, Step
 
 _STAGING_NAMESPACE = uuid.UUID("8f4c2d0e-6a43-4a57-9d55-0b5d2a1e7c11")
@@ -30,10 +34,22 @@ BACKENDS: dict[str, str] = {
     "local": "goldsmith.local.backend:LocalBackend",
     "azure": "goldsmith.azure.backend:AzureBackend",
     # Build locally, publish to Azure: a local template whose VHD target is a blob URL.
-    "local+azure": "goldsmith.azure.publish:HybridBackend",
+    "local+azure": "goldsmith.composed:local_to_azure",
 }
 TRIGGERS: dict[str, str] = {
     "arm": "goldsmith.azure.triggers:ArmWaitTrigger",
+}
+# A backend's source resolver (`plan`, the source AssetWatcher, `goldsmith outdated`): a callable of
+# (home=, conn_id=, location=) that returns a SourceResolver.
+SOURCES: dict[str, str] = {
+    "local": "goldsmith.local.sources:resolver",
+    "azure": "goldsmith.azure.sources:resolver",
+}
+# What each family of publishers published, with its provenance (lineage): a callable of (home, templates)
+# that returns a list of provenance.Artifact.
+PUBLISHED: dict[str, str] = {
+    "local": "goldsmith.local.published:artifacts",
+    "azure": "goldsmith.azure.published:artifacts",
 }
 
 
@@ -113,19 +129,41 @@ class Backend(Protocol):
     def cleanup(self, *, keep_vm: bool) -> dict[str, Any]: ...
 
 
-def azure_vhd_target(plan: BuildPlan) -> Any | None:
+class Captured(Protocol):
+    """What a Builder hands a Publisher of another family: the captured image."""
+
+    image_kind: dict[str, str]  # osType, hyperVGeneration
+
+    def fixed_vhd(self, what: str) -> AbstractContextManager[Path]:
+        """The captured image as a fixed VHD, held (locked) while the context lasts."""
+
+
+class SourceResolver(Protocol):
+    def resolve(self, source: Any) -> dict[str, Any]:
+        """The template's source (model or JSON) at its exact version: {type, id, exactVersion, parents, ...}."""
+
+    def latest(self, source: dict[str, Any]) -> tuple[str | None, Provenance | None]:
+        """The exact version the source resolves to now, and its provenance if Goldsmith published it."""
+
+
+def sources_for(backend: str, *, home: Path, conn_id: str | None = None, location: str | None = None) -> SourceResolver:
+    """The source resolver of a template's backend (`goldsmith.backend`: local or azure)."""
+    return load(SOURCES, backend)(home=home, conn_id=conn_id, location=location)
+
+
+def azure_vhd_target(template: ImageTemplate) -> Any | None:
     """A local build whose VHD target is a blob URL publishes to Azure (goldsmith.azure.publish)."""
-    return next((d for d in plan.template.properties.distribute
+    return next((d for d in template.properties.distribute
                  if d.type == "VHD" and (d.uri or "").startswith(("https://", "http://"))), None)
 
 
-def backend_name(plan: BuildPlan) -> str:
-    name = plan.options.backend
-    return "local+azure" if name == "local" and azure_vhd_target(plan) else name
+def backend_name(template: ImageTemplate, options: GoldsmithOptions) -> str:
+    """The BACKENDS name that builds `template`: its backend, or a composition of builder and publishers."""
+    return "local+azure" if options.backend == "local" and azure_vhd_target(template) else options.backend
 
 
 def backend_for(build: Build) -> Backend:
-    name = backend_name(build.plan)
+    name = backend_name(build.plan.template, build.plan.options)
     if name not in BACKENDS:
         raise BuildError(f"backend '{name}' is not available in this installation yet")
     return load(BACKENDS, name)(build)

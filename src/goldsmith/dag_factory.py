@@ -7,7 +7,6 @@ placeholder DAG carrying the errors, so one broken file never hides the other te
 
 from __future__ import annotations
 
-import os
 import re
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -20,7 +19,7 @@ from airflow.sdk.bases.operator import BaseOperator
 from goldsmith import lineage
 from goldsmith.azure.janitor import JANITOR_DAG_ID, janitor_dag
 from goldsmith.operators import steps as ops
-from goldsmith.settings import goldsmith_home
+from goldsmith.settings import goldsmith_home, templates_dir
 from goldsmith.template.loader import LoadedTemplate, TemplateError, load_template
 from goldsmith.triggers import SourceVersionTrigger
 from goldsmith.template.plan import backend_problems, customize_steps, distribute_steps, validate_steps
@@ -29,10 +28,6 @@ BUILD_VM_POOL = "goldsmith_build_vms"
 START_DATE = datetime(2024, 1, 1)
 _DAG_ID = re.compile(r"^[A-Za-z0-9_.-]{1,250}$")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-def templates_dir() -> Path:
-    return Path(os.environ.get("GOLDSMITH_TEMPLATES") or PROJECT_ROOT / "include" / "templates")
 
 
 def build_dags(folder: Path | None = None) -> dict[str, DAG]:
@@ -189,8 +184,7 @@ def schedule(loaded: LoadedTemplate, assets: dict[str, Asset]):
     source = t.properties.source
     asset = image_asset(lineage.source_uri(source), assets)
     if o.sourceTrigger:  # versions published outside Goldsmith: poll for them, as AIB's SourceImage trigger does
-        trigger = SourceVersionTrigger(loaded.name, source.model_dump(mode="json", exclude_none=True),
-                                       str(goldsmith_home()), o.sourcePollSeconds)
+        trigger = SourceVersionTrigger.for_template(loaded, goldsmith_home())
         asset.watchers.append(AssetWatcher(name=f"{loaded.name}-source", trigger=trigger))
     if o.schedule:
         return AssetOrTimeSchedule(timetable=CronTriggerTimetable(o.schedule, timezone="UTC"), assets=asset)

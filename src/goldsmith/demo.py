@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from goldsmith.airflow_env import AIRFLOW, airflow_environ, prepare
-from goldsmith.dag_factory import PROJECT_ROOT, templates_dir
-from goldsmith.settings import goldsmith_home
+from goldsmith.dag_factory import PROJECT_ROOT
+from goldsmith.settings import goldsmith_home, templates_dir
 
 DEMO_BUILDS = ("debian12-base", "debian12-golden")
 GOLDSMITH = str(Path(sys.executable).with_name("goldsmith"))

@@ -8,12 +8,12 @@ asset URIs are not), so two templates that spell an id differently still meet on
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
-from goldsmith.settings import goldsmith_home
+from goldsmith import core
+from goldsmith.settings import goldsmith_home, templates_dir
 from goldsmith.template import model as m
 
 _VERSION_SUFFIX = re.compile(r"/versions/[^/]+$", re.IGNORECASE)
@@ -61,40 +61,35 @@ def follows_source(template: m.ImageTemplate, options: m.GoldsmithOptions) -> bo
 
 # --- ancestry of built artifacts -------------------------------------------------------------------------------
 
-def artifacts(home: Path | None = None) -> dict[str, dict[str, Any]]:
-    """Every artifact Goldsmith built on this host, by lower-cased id: gallery versions, managed images and
-    VHDs, each with `id`, `kind`, `template`, `runId`, `version`, `source` and `parents`.
+def artifacts(home: Path | None = None, templates: list[Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Every artifact Goldsmith published, by lower-cased id, from every publisher in the registry: the local
+    gallery and VHDs on this host, and the Azure galleries and managed images the templates' Azure targets
+    name. Each has `id`, `kind`, `template`, `runId`, `version`, `source` and `parents`.
 
-    Provenance lives with the artifacts (gallery metadata, run outputs), not in Airflow's database, so
-    lineage survives the loss of that database.
+    Provenance lives with the artifacts (gallery metadata, Azure tags, run outputs), not in Airflow's database,
+    so lineage survives the loss of that database.
     """
-    from goldsmith.local.gallery import LocalGallery
-
     home = home or goldsmith_home()
+    templates = load_templates() if templates is None else templates
     found: dict[str, dict[str, Any]] = {}
-    for entry in LocalGallery(home / "gallery").list():
-        for meta in entry.get("versions", [entry] if "provenance" in entry else []):
-            prov = meta["provenance"]
-            found[meta["id"].lower()] = {
-                "id": meta["id"], "kind": "galleryImageVersion" if "version" in meta else "managedImage",
-                "version": meta.get("version"), "template": prov["template"], "dagId": prov["dagId"],
-                "runId": prov["runId"], "templateDigest": prov["templateDigest"], "source": prov["source"],
-                "parents": prov["parents"], "createdTime": meta["createdTime"],
-            }
-    for template_dir in sorted((home / "runs").glob("*/")):
-        for run_dir in template_dir.glob("*/outputs"):
-            for path in run_dir.glob("[!.]*.json"):
-                output = json.loads(path.read_text())
-                uri, extra = output["properties"].get("artifactUri"), output["goldsmith"]
-                if output["properties"].get("artifactId") or not uri:
-                    continue  # gallery artifacts are listed above, with their full metadata
-                found[uri.lower()] = {
-                    "id": uri, "kind": "vhd", "version": None, "template": template_dir.name,
-                    "dagId": template_dir.name, "runId": extra["runId"], "templateDigest": extra.get("digest"),
-                    "source": extra.get("source", {}), "parents": extra.get("parents", []),
-                    "createdTime": extra["recordedTime"],
-                }
+    for name in core.PUBLISHED:
+        for artifact in core.load(core.PUBLISHED, name)(home, templates):
+            found.setdefault(artifact.id.lower(), artifact.json())
     return found
+
+
+def load_templates(folder: Path | None = None) -> list[Any]:
+    """The templates in the templates folder that load; a broken one is the DAG factory's to report."""
+    from goldsmith.template.loader import TemplateError, load_template
+
+    folder = folder or templates_dir()
+    loaded = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            loaded.append(load_template(path))
+        except TemplateError:
+            continue
+    return loaded
 
 
 def find(query: str, found: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -164,12 +159,13 @@ def _q(text: str) -> str:
     return '"' + text.replace('"', '\\"') + '"'
 
 
-def outdated(home: Path | None = None) -> list[dict[str, Any]]:
-    """Templates whose last successful build used a source version that is no longer the newest one."""
+def outdated(home: Path | None = None, templates: list[Any] | None = None) -> list[dict[str, Any]]:
+    """Templates whose last successful build used a source version that is no longer the newest one, asked of
+    each template's backend's source resolver (a template no longer in the folder: the local one)."""
     from goldsmith import runoutputs
-    from goldsmith.triggers import latest_source_version
 
     home = home or goldsmith_home()
+    by_name = {t.name: t for t in (load_templates() if templates is None else templates)}
     stale = []
     for template_dir in sorted(p for p in (home / "runs").glob("*/") if p.is_dir()):
         built = next((r for r in reversed(runoutputs.list_results(template_dir.name, home=home)) if r["succeeded"]),
@@ -178,7 +174,7 @@ def outdated(home: Path | None = None) -> list[dict[str, Any]]:
         if not source or not source.get("id"):
             continue
         try:
-            newest = latest_source_version(_source_spec(source), home)
+            newest = _resolver(by_name.get(template_dir.name), home).latest(_source_spec(source))[0]
         except Exception:  # a source that can't be resolved now is reported by the build, not here
             continue
         if newest != source.get("exactVersion"):
@@ -188,6 +184,13 @@ def outdated(home: Path | None = None) -> list[dict[str, Any]]:
                           "artifacts": [o["properties"].get("artifactId") or o["properties"].get("artifactUri")
                                         for o in outputs]})
     return stale
+
+
+def _resolver(loaded: Any, home: Path) -> core.SourceResolver:
+    if loaded is None or loaded.options.backend == "local":
+        return core.sources_for("local", home=home)
+    return core.sources_for(loaded.options.backend, home=home, conn_id=loaded.options.azureConnectionId,
+                            location=loaded.template.location)
 
 
 def _source_spec(source: dict[str, Any]) -> dict[str, Any]:

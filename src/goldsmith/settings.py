@@ -19,3 +19,8 @@ def goldsmith_home() -> Path:
 def goldsmith_cache() -> Path:
     """Re-creatable downloads (base images, scripts). `$GOLDSMITH_CACHE`, default ~/.cache/goldsmith."""
     return _dir("GOLDSMITH_CACHE", "~/.cache/goldsmith")
+
+
+def templates_dir() -> Path:
+    """The image templates, one DAG each. `$GOLDSMITH_TEMPLATES`, default the project's include/templates."""
+    return Path(os.environ.get("GOLDSMITH_TEMPLATES") or Path(__file__).resolve().parents[2] / "include" / "templates")

@@ -14,7 +14,7 @@ from test_backend import LOCATION, drive, env, images  # noqa: F401 - env and im
 
 from goldsmith import runoutputs
 from goldsmith.azure.hooks import AzureBuildHook
-from goldsmith.azure.publish import HybridBackend
+from goldsmith.composed import Composed
 from goldsmith.core import Build, backend_for
 from goldsmith.local import disk
 from goldsmith.template.loader import load_template
@@ -53,7 +53,7 @@ def test_a_local_build_publishes_its_vhd_and_images_to_azure(env, arm_double, im
              "targetRegions": [{"name": LOCATION}]}]}}))
     build = Build(make_plan(load_template(template)), "hybrid", "manual__1", {}, logging.getLogger("test.hybrid"))
     backend = backend_for(build)
-    assert isinstance(backend, HybridBackend)
+    assert isinstance(backend, Composed)  # the local builder with the Azure blob publisher
 
     # A captured image as the local backend leaves it: 24 MiB, data in its first and last MiB only.
     backend.staging.mkdir(parents=True)

@@ -7,14 +7,16 @@ as in the ARM REST spec and the AIB template.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 
-from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError, ServiceRequestError, ServiceResponseError
 from azure.core.rest import HttpRequest
 
 from goldsmith.azure.hooks import ArmClients
+from goldsmith.core import BuildError
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,20 @@ def submit(begin: Callable[..., Any], *args: Any, **kwargs: Any) -> str | None:
 def delete(clients: ArmClients, rid: ResourceId) -> str | None:
     """Start deleting a resource; returns the operation URL."""
     return submit(_DELETERS[_key(rid)](clients, rid))
+
+
+@contextlib.contextmanager
+def errors(what: str) -> Iterator[None]:
+    """ARM's refusals become BuildErrors naming the step; throttling, conflicts and server errors that
+    outlived azure-core's retries stay retryable (the task's retry continues from what exists)."""
+    try:
+        yield
+    except HttpResponseError as e:
+        if is_transient(e):
+            raise RuntimeError(f"{what}: {error_message(e)} (transient: the task retries)") from None
+        raise BuildError(f"{what}: {error_message(e)}") from None
+    except (ServiceRequestError, ServiceResponseError) as e:
+        raise RuntimeError(f"{what}: ARM did not answer ({e}); the task retries") from None
 
 
 def error_message(e: HttpResponseError) -> str:

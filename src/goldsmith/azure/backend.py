@@ -18,9 +18,9 @@ import time
 import urllib.request
 from datetime import datetime, timedelta, timezone
 from functools import cached_property
-from typing import Any, Iterator
+from typing import Any
 
-from azure.core.exceptions import HttpResponseError, ResourceNotFoundError, ServiceRequestError, ServiceResponseError
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.storage.blob import BlobClient, BlobServiceClient
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -29,7 +29,9 @@ from goldsmith import customizers, runoutputs, versions
 from goldsmith.azure import arm, windows
 from goldsmith.azure.arm import ResourceId, Wait
 from goldsmith.azure.hooks import AzureBuildHook, AzureSettingsError
+from goldsmith.azure.sources import AzureSources, parse
 from goldsmith.core import Build, BuildError, Pending, destination_resource_group
+from goldsmith.provenance import TAG_DAG, TAG_RUN, TAG_TEMPLATE, Provenance
 from goldsmith.communicator import CommunicatorError, SSHCommunicator
 from goldsmith.settings import goldsmith_home
 from goldsmith.template.plan import Step
@@ -55,9 +57,9 @@ T_VM, T_DISK, T_IMAGE, T_STORAGE = ("Microsoft.Compute/virtualMachines", "Micros
 DELETE_ORDER = ([(T_VM, VM)], [(T_NIC, NIC), (T_IMAGE, IMAGE), (T_DISK, OS_DISK)],
                 [(T_PIP, PIP), (T_NSG, NSG), (T_VNET, VNET)])
 
-TAG_CREATED_BY, TAG_DAG, TAG_RUN, TAG_TEMPLATE, TAG_EXPIRY, TAG_KEEP, TAG_DEPROVISIONED = (
-    "createdBy", "goldsmith.dagId", "goldsmith.runId", "goldsmith.template", "goldsmith.expiry", "goldsmith.keep",
-    "goldsmith.deprovisioned")
+# Besides the provenance tags (TAG_DAG, TAG_RUN, TAG_TEMPLATE: goldsmith.provenance).
+TAG_CREATED_BY, TAG_EXPIRY, TAG_KEEP, TAG_DEPROVISIONED = (
+    "createdBy", "goldsmith.expiry", "goldsmith.keep", "goldsmith.deprovisioned")
 
 
 class AzureBackend:
@@ -114,19 +116,6 @@ class AzureBackend:
 
     # --- errors and waiting --------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def arm_errors(self, what: str) -> Iterator[None]:
-        """ARM's refusals become BuildErrors naming the step; throttling, conflicts and server errors that
-        outlived azure-core's retries stay retryable (the task's retry continues from what exists)."""
-        try:
-            yield
-        except HttpResponseError as e:
-            if arm.is_transient(e):
-                raise RuntimeError(f"{what}: {arm.error_message(e)} (transient: the task retries)") from None
-            raise BuildError(f"{what}: {arm.error_message(e)}") from None
-        except (ServiceRequestError, ServiceResponseError) as e:
-            raise RuntimeError(f"{what}: ARM did not answer ({e}); the task retries") from None
-
     def _pending(self, what: str, waits: list[Wait]) -> Pending:
         self.log.info("waiting for %s", what)
         return Pending(what, {"trigger": "arm", "conn_id": self.hook.conn_id, "waits": [w.to_json() for w in waits],
@@ -177,110 +166,9 @@ class AzureBackend:
     # --- plan ----------------------------------------------------------------------------------------------
 
     def resolve_source(self) -> dict[str, Any]:
-        source = self.props.source
-        with self.arm_errors("source"):
-            if source.type == "PlatformImage":
-                resolved = self._platform_image(source)
-            elif source.type == "ManagedImage":
-                resolved = self._managed_image(source.imageId)
-            else:
-                resolved = self._gallery_version(source.imageVersionId)
+        resolved = AzureSources(self.hook, self.location).resolve(self.props.source)
         self._check_os(resolved["osType"])
         return resolved
-
-    def _platform_image(self, s: Any) -> dict[str, Any]:
-        missing = [f for f in ("publisher", "offer", "sku") if not getattr(s, f)]
-        if missing:
-            raise BuildError(f"source: a PlatformImage needs {', '.join(missing)} (e.g. \"publisher\": "
-                             "\"Canonical\", \"offer\": \"ubuntu-24_04-lts\", \"sku\": \"server\")")
-        images = self.arm.compute.virtual_machine_images
-        version = s.version or "latest"
-        urn = f"{s.publisher}:{s.offer}:{s.sku}"
-        if version.lower() == "latest":
-            try:
-                listed = [i.as_dict()["name"] for i in images.list(self.location, s.publisher, s.offer, s.sku)]
-            except ResourceNotFoundError:
-                listed = []
-            if not listed:
-                raise BuildError(f"source: no versions of {urn} in {self.location}; check publisher, offer and sku "
-                                 f"(az vm image list --location {self.location} --publisher {s.publisher} --all)")
-            version = versions.highest(listed)
-        try:
-            image = images.get(self.location, s.publisher, s.offer, s.sku, version).as_dict()["properties"]
-        except ResourceNotFoundError:
-            raise BuildError(f"source: version '{version}' of {urn} is not in {self.location}; use 'latest' or an "
-                             "existing version") from None
-        plan = image.get("plan")
-        if plan and not s.planInfo:
-            raise BuildError(
-                f"source.planInfo: {urn} is a marketplace image with a purchase plan; add \"planInfo\": "
-                f"{{\"planName\": \"{plan.get('name')}\", \"planProduct\": \"{plan.get('product')}\", "
-                f"\"planPublisher\": \"{plan.get('publisher')}\"}} (and accept its terms: az vm image terms accept)")
-        return {"type": s.type, "id": f"{urn}:{version}", "exactVersion": version, "parents": [],
-                "osType": image.get("osDiskImage", {}).get("operatingSystem", "Linux"),
-                "hyperVGeneration": image.get("hyperVGeneration") or "V1",
-                "imageReference": {"publisher": s.publisher, "offer": s.offer, "sku": s.sku, "version": version}}
-
-    def _managed_image(self, image_id: str) -> dict[str, Any]:
-        rid = self._parse(image_id, "source.imageId", "Microsoft.Compute/images")
-        image = arm.get(self.hook.clients(rid.subscription), rid)
-        if image is None:
-            raise BuildError(f"source.imageId: managed image '{image_id}' does not exist")
-        if image["location"].replace(" ", "").lower() != self.location:
-            raise BuildError(f"source.imageId: the image is in {image['location']}, the build in {self.location}; "
-                             "AIB needs the source image in the template's region")
-        os_disk = image["properties"]["storageProfile"]["osDisk"]
-        if os_disk.get("osState") != "Generalized":
-            raise BuildError(f"source.imageId: '{image_id}' is not generalized; only generalized images are sources")
-        return {"type": "ManagedImage", "id": image["id"], "exactVersion": None, "parents": [image["id"]],
-                "osType": os_disk.get("osType", "Linux"),
-                "hyperVGeneration": image["properties"].get("hyperVGeneration") or "V1",
-                "imageReference": {"id": image["id"]}}
-
-    def _gallery_version(self, version_id: str) -> dict[str, Any]:
-        rid = self._parse(version_id, "source.imageVersionId", "Microsoft.Compute/galleries/images/versions")
-        clients = self.hook.clients(rid.subscription)
-        definition_id = ResourceId(rid.subscription, rid.resource_group, rid.namespace, rid.types[:2], rid.names[:2])
-        definition = arm.get(clients, definition_id)
-        if definition is None:
-            raise BuildError(f"source.imageVersionId: image definition '{definition_id}' does not exist")
-        if rid.name.lower() == "latest":
-            listed = [v.as_dict() for v in clients.compute.gallery_image_versions.list_by_gallery_image(
-                rid.resource_group, *rid.names[:2])]
-            usable = [v for v in listed if arm.provisioning_state(v) == "Succeeded"
-                      and not v["properties"].get("publishingProfile", {}).get("excludeFromLatest")
-                      and self._replicated_here(v)]
-            if not usable:
-                raise BuildError(f"source.imageVersionId: '{definition_id}' has no version usable as latest in "
-                                 f"{self.location} (succeeded, not excludeFromLatest, replicated there)")
-            version = max(usable, key=lambda v: versions.key(v["name"]))
-        else:
-            version = arm.get(clients, rid)
-            if version is None:
-                raise BuildError(f"source.imageVersionId: image version '{version_id}' does not exist")
-            if not self._replicated_here(version):
-                raise BuildError(f"source.imageVersionId: '{version_id}' is not replicated to {self.location}; "
-                                 "add the region to its targetRegions")
-        props = definition["properties"]
-        if props.get("osState", "Generalized") != "Generalized":
-            raise BuildError(f"source.imageVersionId: '{definition_id}' is specialized; only generalized images "
-                             "are sources")
-        return {"type": "SharedImageVersion", "id": version["id"], "exactVersion": version["name"],
-                "parents": [version["id"]], "osType": props.get("osType", "Linux"),
-                "hyperVGeneration": props.get("hyperVGeneration") or "V1", "imageReference": {"id": version["id"]}}
-
-    def _replicated_here(self, version: dict[str, Any]) -> bool:
-        regions = version["properties"].get("publishingProfile", {}).get("targetRegions") or []
-        return any(r["name"].replace(" ", "").lower() == self.location for r in regions) or not regions
-
-    def _parse(self, value: str, field: str, type_: str) -> ResourceId:
-        try:
-            rid = ResourceId.parse(value, field=field)
-        except ValueError as e:
-            raise BuildError(str(e)) from None
-        if rid.type.lower() != type_.lower():
-            raise BuildError(f"{field}: '{value}' is a {rid.type} id; expected a {type_} id")
-        return rid
 
     def _check_os(self, os_type: str) -> None:
         """Customizers must suit the source's OS: found at plan time, before any VM starts."""
@@ -303,7 +191,7 @@ class AzureBackend:
         run_tags = {TAG_DAG: self.build.dag_id, TAG_RUN: self.build.run_id, TAG_TEMPLATE: self.plan.name,
                     TAG_EXPIRY: expiry.isoformat(timespec="seconds"), "imageTemplateName": self.plan.name}
         groups = self.arm.resources.resource_groups
-        with self.arm_errors("prepare_staging"):
+        with arm.errors("prepare_staging"):
             existing = arm.get(self.arm, self.group)
             if existing is None:
                 tags = {**self._tags(), **run_tags}
@@ -351,7 +239,7 @@ class AzureBackend:
     # --- the build VM --------------------------------------------------------------------------------------
 
     def provision(self, source: dict[str, Any]) -> dict[str, Any]:
-        with self.arm_errors("provision"):
+        with arm.errors("provision"):
             self._require_staging()
             state = arm.provisioning_state(arm.get(self.arm, self._id(T_VM, VM)))
             if state != "Succeeded":
@@ -565,7 +453,7 @@ class AzureBackend:
 
     def customize(self, step: Step) -> dict[str, Any]:
         c = step.item
-        with self.arm_errors(step.task_id):
+        with arm.errors(step.task_id):
             if self._windows:
                 return self._windows_step(step, validator=False)
         try:
@@ -579,7 +467,7 @@ class AzureBackend:
 
     def validate(self, step: Step) -> dict[str, Any]:
         v = step.item
-        with self.arm_errors(step.task_id):
+        with arm.errors(step.task_id):
             if self._windows:
                 return self._windows_step(step, validator=True)
         try:
@@ -639,7 +527,7 @@ class AzureBackend:
     # --- generalize and capture ----------------------------------------------------------------------------
 
     def generalize(self) -> dict[str, Any]:
-        with self.arm_errors("generalize"):
+        with arm.errors("generalize"):
             power, generalized = self._vm_states()
             if generalized:
                 self.log.info("already generalized by an earlier try")
@@ -679,7 +567,7 @@ class AzureBackend:
             raise BuildError(f"generalize: {e}") from None
 
     def capture(self) -> dict[str, Any]:
-        with self.arm_errors("capture"):
+        with arm.errors("capture"):
             disk = arm.get(self.arm, self._id(T_DISK, OS_DISK)) or {}
             generation = disk.get("properties", {}).get("hyperVGeneration") or "V1"
             self._wait_for("image capture", [self._ensure(T_IMAGE, IMAGE, "captured image", {
@@ -692,7 +580,7 @@ class AzureBackend:
 
     def distribute(self, step: Step, source: dict[str, Any]) -> dict[str, Any]:
         d = step.item
-        with self.arm_errors(step.task_id):
+        with arm.errors(step.task_id):
             if d.type == "ManagedImage":
                 if d.location.replace(" ", "").lower() != self.location:
                     raise BuildError(
@@ -710,25 +598,26 @@ class AzureBackend:
                 artifact_id, artifact_uri = None, self._distribute_vhd(d)
         return self.record_output(step, source, artifact_id, artifact_uri)
 
+    def provenance(self, source: dict[str, Any]) -> Provenance:
+        return Provenance.of(source, template=self.plan.name, digest=self.plan.digest, dag_id=self.build.dag_id,
+                             run_id=self.build.run_id)
+
     def record_output(self, step: Step, source: dict[str, Any], artifact_id: str | None,
                       artifact_uri: str | None) -> dict[str, Any]:
         d = step.item
         runoutputs.record(self.plan.name, self.build.run_id, d.runOutputName, artifactId=artifact_id,
                           artifactUri=artifact_uri, provisioningState="Succeeded",
-                          extra={"digest": self.plan.digest,
-                                 "source": {k: source.get(k) for k in ("type", "id", "exactVersion")}})
+                          extra=self.provenance(source).output_extra())
         self.log.info("%s: %s", step.task_id, artifact_id or artifact_uri)
         return {"runOutputName": d.runOutputName, "artifactId": artifact_id, "artifactUri": artifact_uri}
 
     def _artifact_tags(self, d: Any, source: dict[str, Any]) -> dict[str, str]:
-        """artifactTags plus provenance, so the artifact says where it came from."""
-        return {**d.artifactTags, TAG_TEMPLATE: self.plan.name, "goldsmith.templateDigest": self.plan.digest,
-                TAG_DAG: self.build.dag_id, TAG_RUN: self.build.run_id, "goldsmith.source": source.get("id") or "",
-                "goldsmith.sourceVersion": source.get("exactVersion") or ""}
+        """artifactTags plus provenance, so the artifact says where it came from (lineage reads it back)."""
+        return {**d.artifactTags, **self.provenance(source).tags()}
 
     def publish_managed_image(self, d: Any, source: dict[str, Any], properties: dict[str, Any]) -> str:
         """The ManagedImage target `d`, made with `properties` (its source); returns its id once it exists."""
-        rid = self._parse(d.imageId, f"distribute.{d.runOutputName}.imageId", "Microsoft.Compute/images")
+        rid = parse(d.imageId, f"distribute.{d.runOutputName}.imageId", "Microsoft.Compute/images")
         clients = self.hook.clients(rid.subscription)
         if arm.get(clients, ResourceId(rid.subscription, rid.resource_group)) is None:
             raise BuildError(f"distribute.{d.runOutputName}.imageId: resource group {rid.resource_group} does not "
@@ -874,7 +763,7 @@ class AzureBackend:
     # --- cleanup -------------------------------------------------------------------------------------------
 
     def cleanup(self, *, keep_vm: bool) -> dict[str, Any]:
-        with self.arm_errors("cleanup_staging"):
+        with arm.errors("cleanup_staging"):
             group = arm.get(self.arm, self.group)
             if group is None:
                 self.log.info("staging resource group %s is gone", self.group)

@@ -1,14 +1,13 @@
-"""Build locally, publish to Azure: a local-backend template whose VHD target is a blob URL (https://).
+"""Build elsewhere, publish to Azure: the distribution of a build whose VHD target is a blob URL (https://).
 
-The VM, customizers and capture are the local backend's (QEMU on this host: cheaper and faster than an Azure
-build VM); distribution goes to Azure. The captured image is made a fixed VHD and uploaded as a page blob to the
-VHD target (4 MiB pages in parallel, holes and all-zero pages skipped: a new page blob reads as zeros), then the
-template's ManagedImage and SharedImage targets are created in Azure from that blob.
+A Publisher: the Builder (the local backend, composed in goldsmith.composed) hands it the captured image as a
+fixed VHD, which it uploads as a page blob to the VHD target (4 MiB pages in parallel, holes and all-zero
+pages skipped: a new page blob reads as zeros); the template's ManagedImage and SharedImage targets are then
+created in Azure from that blob.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,10 +16,9 @@ from typing import Any, Iterator
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobClient
 
+from goldsmith.azure import arm
 from goldsmith.azure.backend import AzureBackend
-from goldsmith.core import Build, BuildError, azure_vhd_target
-from goldsmith.local import disk
-from goldsmith.local.backend import LocalBackend
+from goldsmith.core import Build, BuildError, Captured, azure_vhd_target
 from goldsmith.template.plan import Step
 
 PAGE = 4 * 1024 * 1024  # the most one Put Page carries
@@ -28,26 +26,25 @@ UPLOAD_THREADS = 8
 COMPLETE = "goldsmithuploaded"  # blob metadata: the upload of this run finished
 
 
-class HybridBackend(LocalBackend):
+class BlobPublisher:
     def __init__(self, build: Build):
-        super().__init__(build)
+        self.build = build
+        self.log = build.log
         self.azure = AzureBackend(build)
-        # What the local backend builds: a Linux image that boots with BIOS (Hyper-V generation 1).
-        self.image_kind = {"osType": "Linux", "hyperVGeneration": "V1"}
 
-    def distribute(self, step: Step, source: dict[str, Any]) -> dict[str, Any]:
+    def distribute(self, step: Step, source: dict[str, Any], captured: Captured) -> dict[str, Any]:
         d = step.item
         target = self._vhd_target()
         url = target.split("?")[0]
-        self._upload_once(target)
-        source = {**source, **self.image_kind}
-        with self.azure.arm_errors(step.task_id):
+        self._upload_once(target, captured, step.task_id)
+        source = {**source, **captured.image_kind}
+        with arm.errors(step.task_id):
             if d.type == "VHD":
                 artifact_id, artifact_uri = None, url
             elif d.type == "ManagedImage":
                 artifact_id, artifact_uri = self.azure.publish_managed_image(d, source, {
                     "storageProfile": {"osDisk": {"osType": "Linux", "osState": "Generalized", "blobUri": url}},
-                    "hyperVGeneration": self.image_kind["hyperVGeneration"]}), None
+                    "hyperVGeneration": captured.image_kind["hyperVGeneration"]}), None
             else:
                 artifact_id, artifact_uri = self.azure.publish_gallery_version(d, source, {"osDiskImage": {
                     "source": {"uri": url, "storageAccountId": self._storage_account_id(url)}}}), None
@@ -55,28 +52,21 @@ class HybridBackend(LocalBackend):
 
     def _vhd_target(self) -> str:
         """The blob the VHD goes to: the VHD target's uri, a `.vhd` blob or a container (SAS included)."""
-        base, _, query = azure_vhd_target(self.build.plan).uri.partition("?")
+        base, _, query = azure_vhd_target(self.build.plan.template).uri.partition("?")
         if not base.lower().endswith(".vhd"):
             base = f"{base.rstrip('/')}/{self.build.plan.name}-{self.build.guid[:8]}.vhd"
         return f"{base}?{query}" if query else base
 
-    def _upload_once(self, target: str) -> None:
-        """Parallel distribute tasks share one upload: a lock in the staging area, and a mark on the blob."""
-        image = self.staging / "image.qcow2"
-        if not image.exists():
-            raise BuildError(f"distribute: no captured image in {self.staging}")
+    def _upload_once(self, target: str, captured: Captured, what: str) -> None:
+        """Parallel distribute tasks share one upload: the builder's lock on its VHD, and a mark on the blob."""
         credential = None if "?" in target else self.azure.hook.credential
         blob = BlobClient.from_blob_url(target, credential=credential, **self.azure.hook.blob_options())
-        with open(self.staging / "azure-upload.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with captured.fixed_vhd(what) as vhd:
             try:
                 if blob.get_blob_properties().metadata.get(COMPLETE) == self.azure.blob_run_mark:
                     return
             except ResourceNotFoundError:
                 pass
-            vhd = self.staging / "image.vhd"
-            if not vhd.exists():
-                disk.to_fixed_vhd(image, vhd)
             sent = upload_page_blob(vhd, blob)
             blob.set_blob_metadata({COMPLETE: self.azure.blob_run_mark})
         self.log.info("uploaded %s to %s: %d of %d MiB had data", vhd.name, blob.url.split("?")[0],

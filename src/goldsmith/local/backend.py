@@ -10,13 +10,14 @@ steps run in separate processes and a retried step adopts what an earlier try ma
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -26,6 +27,8 @@ from goldsmith.core import Build, BuildError
 from goldsmith.communicator import CommunicatorError, SSHCommunicator
 from goldsmith.local import baseimage, catalog, disk, qemu, vmsizes
 from goldsmith.local.gallery import GalleryError, LocalGallery
+from goldsmith.local.sources import LocalSources
+from goldsmith.provenance import Provenance
 from goldsmith.settings import goldsmith_home
 from goldsmith.template.plan import Step
 
@@ -46,21 +49,7 @@ class LocalBackend:
     # --- plan --------------------------------------------------------------------------------------------------
 
     def resolve_source(self) -> dict[str, Any]:
-        source = self.build.plan.template.properties.source
-        try:
-            if source.type == "PlatformImage":
-                entry = catalog.resolve(source.publisher, source.offer, source.sku, source.version or "latest")
-                return {"type": source.type, "id": entry.urn, "exactVersion": entry.exact_version, "parents": []}
-            if source.type == "ManagedImage":
-                image = self.gallery.resolve_managed_image(source.imageId)
-                # A managed image is replaced in place: its content checksum tells one build of it from another.
-                return {"type": source.type, "id": image.id, "exactVersion": "sha256:" + image.metadata["checksums"]["sha256"],
-                        "path": str(image.path), "parents": [image.id]}
-            version = self.gallery.resolve_image_version(source.imageVersionId)
-            return {"type": source.type, "id": version.id, "exactVersion": version.version,
-                    "path": str(version.path), "parents": [version.id]}
-        except (catalog.CatalogError, GalleryError) as e:
-            raise BuildError(f"source: {e}") from None
+        return LocalSources(goldsmith_home()).resolve(self.build.plan.template.properties.source)
 
     # --- staging and VM ----------------------------------------------------------------------------------------
 
@@ -245,12 +234,8 @@ class LocalBackend:
         image = self.staging / "image.qcow2"
         if not image.exists():
             raise BuildError(f"{step.task_id}: no captured image in {self.staging}")
-        provenance = {
-            "source": {k: source.get(k) for k in ("type", "id", "exactVersion")},
-            "parents": source.get("parents", []),
-            "template": plan.name, "templateDigest": plan.digest,
-            "dagId": self.build.dag_id, "runId": self.build.run_id,
-        }
+        provenance = Provenance.of(source, template=plan.name, digest=plan.digest, dag_id=self.build.dag_id,
+                                   run_id=self.build.run_id)
         try:
             if d.type == "VHD":
                 artifact_id, artifact_uri = None, self._write_vhd(d, image)
@@ -261,19 +246,18 @@ class LocalBackend:
                     d.galleryImageId, image, versioning=d.versioning,
                     version=self.build.params.get("galleryImageVersion"), source_version=source.get("exactVersion"),
                     exclude_from_latest=d.excludeFromLatest, target_regions=regions, artifact_tags=d.artifactTags,
-                    provenance=provenance, run_key=self.build.run_key)
+                    provenance=provenance.record(), run_key=self.build.run_key)
                 artifact_id, artifact_uri = record.id, record.path.as_uri()
             else:
                 record = self.gallery.publish_managed_image(
-                    d.imageId, d.location, image, artifact_tags=d.artifactTags, provenance=provenance,
+                    d.imageId, d.location, image, artifact_tags=d.artifactTags, provenance=provenance.record(),
                     run_key=self.build.run_key)
                 artifact_id, artifact_uri = record.id, record.path.as_uri()
         except GalleryError as e:
             raise BuildError(f"{step.task_id}: {e}") from None
         runoutputs.record(plan.name, self.build.run_id, d.runOutputName, artifactId=artifact_id,
                           artifactUri=artifact_uri, provisioningState="Succeeded",
-                          extra={"digest": plan.digest, "source": provenance["source"],
-                                 "parents": provenance["parents"]})
+                          extra=provenance.output_extra())
         self.log.info("%s: %s", step.task_id, artifact_id or artifact_uri)
         return {"runOutputName": d.runOutputName, "artifactId": artifact_id, "artifactUri": artifact_uri}
 
@@ -290,6 +274,24 @@ class LocalBackend:
         disk.to_fixed_vhd(image, tmp)
         os.replace(tmp, target)
         return target.as_uri()
+
+    # --- what a Publisher reads (core.Captured) -----------------------------------------------------------------
+
+    image_kind = {"osType": "Linux", "hyperVGeneration": "V1"}  # every local build: Linux, booting with BIOS
+
+    @contextlib.contextmanager
+    def fixed_vhd(self, what: str) -> Iterator[Path]:
+        """The captured image as a fixed VHD in the staging area, made once. Held under a lock, so parallel
+        distribute tasks share it and what they do with it (one upload for all targets)."""
+        image = self.staging / "image.qcow2"
+        if not image.exists():
+            raise BuildError(f"{what}: no captured image in {self.staging}")
+        with open(self.staging / "vhd.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            vhd = self.staging / "image.vhd"
+            if not vhd.exists():
+                disk.to_fixed_vhd(image, vhd)
+            yield vhd
 
     # --- cleanup -----------------------------------------------------------------------------------------------
 

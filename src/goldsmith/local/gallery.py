@@ -496,13 +496,13 @@ class LocalGallery:
         names the version `latest` resolves to.
         """
         entries: list[dict[str, Any]] = []
-        for definition, versions in sorted(self._definitions().items(), key=lambda item: item[0].lower()):
-            eligible = [v.version for v in versions if not v.metadata.get("excludeFromLatest")]
+        for definition, records in sorted(self._definitions().items(), key=lambda item: item[0].lower()):
+            eligible = [v.version for v in records if not v.metadata.get("excludeFromLatest")]
             entries.append({
                 "id": definition,
                 "type": DEFINITION_TYPE,
                 "latestVersion": eligible[-1] if eligible else None,
-                "versions": [{**v.metadata, "path": str(v.path)} for v in versions],
+                "versions": [{**v.metadata, "path": str(v.path)} for v in records],
             })
         for image in sorted(self._managed_images(), key=lambda image: image.id.lower()):
             entries.append({**image.metadata, "path": str(image.path)})
