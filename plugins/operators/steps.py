@@ -15,7 +15,7 @@ from airflow.configuration import conf
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
-from goldsmith import lineage, runoutputs
+from goldsmith import lineage, runoutputs, secrets
 from goldsmith.build import Build, BuildError, Pending, backend_for
 from goldsmith.template.loader import TemplateError, load_template
 from goldsmith.template.plan import BuildPlan, make_plan
@@ -33,18 +33,25 @@ class GoldsmithStepOperator(BaseOperator):
         self.template_file = template_file
         self.deferrable = deferrable
 
+    needs_secrets = False  # the steps that run the template's scripts
+
     def build(self, context: Context) -> Build:
         plan = BuildPlan.model_validate(context["ti"].xcom_pull(task_ids="plan"))
-        return Build(plan, context["dag"].dag_id, context["run_id"], dict(context["params"]), self.log)
+        try:
+            values = secrets.resolve(plan.options.secrets) if self.needs_secrets else {}
+        except secrets.SecretError as e:
+            raise AirflowException(str(e)) from None  # retried: a connection may be created meanwhile
+        return Build(plan, context["dag"].dag_id, context["run_id"], dict(context["params"]), self.log, values)
 
     def execute(self, context: Context) -> Any:
         build = self.build(context)
         while True:
             try:
-                return self.run_step(build, context)
+                # Goldsmith's own XCom never carries a credential that a URI in the template held.
+                return secrets.strip_secrets_json(self.run_step(build, context))
             except BuildError as e:
                 # Bad input or a refused operation: a retry would fail the same way. Anything else is retried.
-                raise AirflowFailException(str(e)) from None
+                raise AirflowFailException(secrets.strip_secrets(str(e))) from None
             except Pending as pending:
                 context["ti"].xcom_push(key="pending", value=pending.ids)
                 if self.deferrable:  # bounded like the task itself: a trigger never waits forever
@@ -111,6 +118,8 @@ class ProvisionOperator(GoldsmithStepOperator):
 
 
 class CustomizeOperator(GoldsmithStepOperator):
+    needs_secrets = True
+
     def __init__(self, *, index: int, **kwargs: Any):
         super().__init__(**kwargs)
         self.index = index
@@ -120,6 +129,8 @@ class CustomizeOperator(GoldsmithStepOperator):
 
 
 class ValidateOperator(GoldsmithStepOperator):
+    needs_secrets = True
+
     def __init__(self, *, index: int, **kwargs: Any):
         super().__init__(**kwargs)
         self.index = index
@@ -149,7 +160,7 @@ class DistributeOperator(GoldsmithStepOperator):
     def run_step(self, build: Build, context: Context) -> Any:
         step = next(s for s in build.plan.distribute_steps() if s.name == self.run_output_name)
         source = context["ti"].xcom_pull(task_ids="plan", key="source")
-        output = backend_for(build).distribute(step, source)
+        output = secrets.strip_secrets_json(backend_for(build).distribute(step, source))
         # The asset event says which version this is and where it came from; rebuild chains and lineage read it.
         context["outlet_events"][self.outlets[0]].extra = {
             **output, "type": step.item.type, "version": lineage.image_version(output.get("artifactId")),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -38,6 +39,8 @@ class Build:
     run_id: str
     params: dict[str, Any] = field(default_factory=dict)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("goldsmith.build"))
+    # goldsmith.secrets, resolved (and masked) by the customize/validate task that needs them; never in XCom.
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def guid(self) -> str:

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from goldsmith.secrets import strip_uri
 from goldsmith.settings import goldsmith_home
 from goldsmith.template import model as m
 
@@ -41,7 +42,8 @@ def target_uri(distributor: Any, template_name: str) -> str:
         return image_uri(distributor.galleryImageId)
     if distributor.type == "ManagedImage":
         return image_uri(distributor.imageId)
-    return distributor.uri or f"vhd:{template_name}/{distributor.runOutputName}"
+    # An asset URI is shown and sent everywhere: a SAS token or a user:password@ stays out of it.
+    return strip_uri(distributor.uri) if distributor.uri else f"vhd:{template_name}/{distributor.runOutputName}"
 
 
 def follows_source(template: m.ImageTemplate, options: m.GoldsmithOptions) -> bool:

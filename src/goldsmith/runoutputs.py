@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
+from goldsmith.secrets import strip_secrets_json
 from goldsmith.settings import goldsmith_home
 
 RUN_OUTPUT_TYPE = "Microsoft.VirtualMachineImages/imageTemplates/runOutputs"
@@ -63,12 +64,12 @@ def record(
     run_dir = _template_dir(template, home) / run_dir_name(run_id)
     if not (run_dir / "run.json").exists():
         _write_json(run_dir / "run.json", {"runId": run_id, "template": template, "recordedTime": now})
-    output = {
+    output = strip_secrets_json({  # a VHD uri's SAS token is no output
         "name": runOutputName,
         "type": RUN_OUTPUT_TYPE,
         "properties": {"artifactId": artifactId, "artifactUri": artifactUri, "provisioningState": provisioningState},
         "goldsmith": {**(extra or {}), "runId": run_id, "recordedTime": now},
-    }
+    })
     _write_json(run_dir / "outputs" / f"{runOutputName}.json", output)
     return output
 

@@ -575,7 +575,8 @@ class AzureBackend:
         try:
             with self._connect() as comm:
                 boot_id = self._boot_id(comm) if c.type == "Shell" else None  # to tell a reboot happened
-                if customizers.run_linux_customizer(comm, c, name=step.name, on_line=self._on_line):
+                if customizers.run_linux_customizer(comm, c, name=step.name, on_line=self._on_line,
+                                                 secrets=self.build.secrets):
                     self._wait_out_reboot(boot_id)
         except customizers.CustomizerError as e:
             raise BuildError(f"{step.task_id}: {e}") from None
@@ -588,7 +589,8 @@ class AzureBackend:
                 return self._windows_step(step, validator=True)
         try:
             with self._connect() as comm:
-                customizers.run_linux_validator(comm, v, name=step.name, on_line=self._on_line)
+                customizers.run_linux_validator(comm, v, name=step.name, on_line=self._on_line,
+                                                secrets=self.build.secrets)
         except customizers.CustomizerError as e:
             raise BuildError(f"{step.task_id}: validation failed: {e}") from None
         return {"step": step.task_id, "passed": True}

@@ -183,7 +183,8 @@ class LocalBackend:
         vm, comm = self._session()
         try:
             with comm:
-                if customizers.run_linux_customizer(comm, c, name=step.name, on_line=self._on_line):
+                if customizers.run_linux_customizer(comm, c, name=step.name, on_line=self._on_line,
+                                                 secrets=self.build.secrets):
                     self._wait_out_reboot(vm)
         except customizers.CustomizerError as e:  # downloads were already retried inside fetch()
             raise BuildError(f"{step.task_id}: {e}") from None
@@ -204,7 +205,8 @@ class LocalBackend:
         _, comm = self._session()
         try:
             with comm:
-                customizers.run_linux_validator(comm, v, name=step.name, on_line=self._on_line)
+                customizers.run_linux_validator(comm, v, name=step.name, on_line=self._on_line,
+                                                secrets=self.build.secrets)
         except customizers.CustomizerError as e:
             raise BuildError(f"{step.task_id}: validation failed: {e}") from None
         return {"step": step.task_id, "passed": True}
