@@ -84,10 +84,8 @@ def test_since_last_build_reads_the_recorded_sbom(repo, tmp_path: Path, monkeypa
 
     monkeypatch.setenv("GOLDSMITH_HOME", str(tmp_path / "home"))
     assert updates.since_last_build("app", "local") is None
-    bom = tmp_path / "sbom.cdx.json"
-    bom.write_bytes(sbom.dumps(image_sbom([repo.source_line("stable", host="10.0.2.2")], **{"gs-tool": "1.0-1"})))
-    ref = {**sbom.ref_for(bom.read_bytes()).as_dict(), "uri": bom.as_uri()}
-    runoutputs.record("app", "run1", "vhd", None, "file:///x.vhd", "Succeeded", extra={"sbom": ref})
+    doc = image_sbom([repo.source_line("stable", host="10.0.2.2")], **{"gs-tool": "1.0-1"})
+    runoutputs.write_document("app", "run1", sbom.FILE_NAME, sbom.dumps(doc))
     runoutputs.record_result("app", "run1", succeeded=True, digest="d", source={})
     runoutputs.record_result("app", "run2", succeeded=False, digest="d", source={})
     assert updates.since_last_build("app", "local") == ("run1", [])

@@ -75,17 +75,10 @@ def since_previous(artifact_id: str, home: Path | None = None) -> list[str]:
 
 
 def last_built_sbom(template: str, home: Path | None = None) -> tuple[str, dict[str, Any]] | None:
-    """(run id, SBOM) of the template's newest successful build that recorded one; None if there is none."""
-    for result in reversed(runoutputs.list_results(template, home=home)):
-        if not result["succeeded"]:
-            continue
-        _, outputs = runoutputs.list_outputs(template, result["runId"], home=home)
-        for output in outputs:
-            ref = output["goldsmith"].get("sbom")
-            if ref:
-                try:
-                    return result["runId"], load_sbom({"id": output["name"], "sbom": ref})
-                except ChangesError:
-                    continue
+    """(run id, SBOM) of the template's newest successful build, from the run's record; None if that build
+    made none (or there is no successful build)."""
+    last = next((r for r in reversed(runoutputs.list_results(template, home=home)) if r["succeeded"]), None)
+    if last is None:
         return None
-    return None
+    path = runoutputs.document_path(template, last["runId"], sbom.FILE_NAME, home=home)
+    return (last["runId"], json.loads(path.read_bytes())) if path.exists() else None

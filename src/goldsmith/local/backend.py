@@ -21,7 +21,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from goldsmith import customizers, runoutputs, sbom, updates
+from goldsmith import buildsbom, customizers, runoutputs, sbom, updates
 from goldsmith.build import Build, BuildError
 from goldsmith.communicator import CommunicatorError, SSHCommunicator
 from goldsmith.local import baseimage, catalog, disk, qemu, vmsizes
@@ -220,7 +220,9 @@ class LocalBackend:
         vm, comm = self._session()
         with comm:
             try:
-                self._record_sbom(comm)  # the packages as the image will have them, before deprovisioning
+                # The packages as the image will have them, before deprovisioning.
+                buildsbom.record(self.build, lambda: sbom.collect_linux(buildsbom.ssh_runner(comm)),
+                                 updates.LOCAL_GUEST_ALIASES)
                 _run_root(comm, f"rm -f {baseimage.BUILD_VM_MARKER}")  # the image boots with cloud-init
                 customizers.deprovision(comm, on_line=self._on_line)
             except customizers.CustomizerError as e:
@@ -229,33 +231,6 @@ class LocalBackend:
         vm.stop(timeout=120)
         self.log.info("VM deprovisioned and powered off")
         return {"generalized": True}
-
-    def _record_sbom(self, comm: SSHCommunicator) -> None:
-        """The SBOM of this build (staging/sbom.cdx.json), checked against the template's SBOM policy."""
-        target = self.staging / sbom.FILE_NAME
-        if not target.exists():
-            def run(command: str) -> tuple[int | None, str]:
-                lines: list[str] = []
-                return comm.run(command, on_line=lines.append).exit_code, "\n".join(lines)
-            try:
-                inventory = sbom.collect_linux(run)
-            except sbom.SbomError as e:
-                raise BuildError(f"generalize: {e}") from None
-            doc = sbom.cyclonedx(inventory, name=self.build.plan.name, version=self.build.run_id,
-                                 serial_key=self.build.run_key)
-            tmp = target.with_suffix(".tmp")
-            tmp.write_bytes(sbom.dumps(doc))
-            tmp.rename(target)
-        doc = json.loads(target.read_text())
-        self.log.info("SBOM: %d packages (%s)", len(sbom.packages(doc)), target)
-        try:
-            problems, warnings = updates.gate(doc, self.build.plan.options.sbom, updates.http_fetch(updates.LOCAL_GUEST_ALIASES))
-        except updates.UpdatesError as e:
-            raise BuildError(f"generalize: the SBOM policy's update check could not read an archive: {e}") from None
-        for warning in warnings:
-            self.log.warning("%s", warning)
-        if problems:
-            raise BuildError("generalize: the image fails its SBOM policy (goldsmith.sbom):\n  " + "\n  ".join(problems))
 
     def capture(self) -> dict[str, Any]:
         image = self.staging / "image.qcow2"
@@ -279,16 +254,16 @@ class LocalBackend:
             "template": plan.name, "templateDigest": plan.digest,
             "dagId": self.build.dag_id, "runId": self.build.run_id,
         }
-        bom = self.staging / sbom.FILE_NAME
-        files = {sbom.FILE_NAME: bom} if bom.exists() else {}
-        if files:
-            provenance["sbom"] = sbom.ref_for(bom.read_bytes()).as_dict()
+        bom = buildsbom.ref(self.build)
+        files = {sbom.FILE_NAME: buildsbom.path(self.build)} if bom else {}
+        if bom:
+            provenance["sbom"] = {**bom, "uri": ""}  # beside the artifact; lineage fills in where
         try:
             if d.type == "VHD":
                 artifact_id, artifact_uri = None, self._write_vhd(d, image)
                 sbom_path = Path(artifact_uri.removeprefix("file://") + "." + sbom.FILE_NAME)
                 if files:
-                    shutil.copyfile(bom, sbom_path)
+                    shutil.copyfile(files[sbom.FILE_NAME], sbom_path)
             elif d.type == "SharedImage":
                 regions = [(r.name, r.replicaCount, r.storageAccountType) for r in d.targetRegions or []] or [
                     (r, 1, d.storageAccountType or "Standard_LRS") for r in d.replicationRegions or []]
