@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from goldsmith import runoutputs, sbom, updates
-from goldsmith.build import Build, BuildError
+from goldsmith.core import Build, BuildError
 
 
 def path(build: Build) -> Path:

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from goldsmith import buildsbom, customizers, runoutputs, sbom, updates
-from goldsmith.build import Build, BuildError
+from goldsmith.core import Build, BuildError
 from goldsmith.communicator import CommunicatorError, SSHCommunicator
 from goldsmith.local import baseimage, catalog, disk, qemu, vmsizes
 from goldsmith.local.gallery import GalleryError, LocalGallery
