@@ -189,8 +189,9 @@ def test_policy_forbidden_packages() -> None:
 # --- stored with the artifact, read back by the CLI --------------------------------------------------------------
 
 
-def publish(gallery: LocalGallery, tmp: Path, run: str, status: str, created_disk: Path) -> None:
-    doc = sbom.cyclonedx(inventory(status), name="app", version=run, serial_key=run)
+def publish(gallery: LocalGallery, tmp: Path, run: str, status: str, created_disk: Path,
+            scripts: dict[str, str]) -> None:
+    doc = sbom.cyclonedx(inventory(status), name="app", version=run, serial_key=run, scripts=scripts)
     bom = tmp / f"{run}.cdx.json"
     bom.write_bytes(sbom.dumps(doc))
     provenance = {"source": {"type": "PlatformImage", "id": "Debian:debian-12:12:1", "exactVersion": run},
@@ -206,8 +207,9 @@ def two_versions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     disk = tmp_path / "disk.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "1M"], check=True)
     gallery = LocalGallery(home / "gallery")
-    publish(gallery, tmp_path, "run1", STATUS, disk)
-    publish(gallery, tmp_path, "run2", STATUS.replace("Version: 3.0.15-1~deb12u1", "Version: 3.0.17-1~deb12u2"), disk)
+    publish(gallery, tmp_path, "run1", STATUS, disk, {"file:///s/setup.sh": "a" * 64, "file:///s/old.sh": "b" * 64})
+    publish(gallery, tmp_path, "run2", STATUS.replace("Version: 3.0.15-1~deb12u1", "Version: 3.0.17-1~deb12u2"), disk,
+            {"file:///s/setup.sh": "c" * 64, "https://acct.blob.core.windows.net/s/new.sh?sig=SECRET": "d" * 64})
     return home
 
 
@@ -225,6 +227,8 @@ def test_cli_sbom_and_diff(two_versions: Path, capsys: pytest.CaptureFixture) ->
     lines = capsys.readouterr().out.splitlines()
     assert lines[1:] == ["source: Debian:debian-12:12:1 run1 → Debian:debian-12:12:1 run2",
                          "template and scripts: sha256:run1run1run1 → sha256:run2run2run2",
+                         "script removed: file:///s/old.sh", "script changed: file:///s/setup.sh",
+                         "script added: https://acct.blob.core.windows.net/s/new.sh",  # never the SAS token
                          "↑ libssl3 3.0.15-1~deb12u1 → 3.0.17-1~deb12u2",
                          "↑ openssl 3.0.15-1~deb12u1 → 3.0.17-1~deb12u2"]
     assert cli.main(["diff", "--json", "app@0.0.1", "app@0.0.2"]) == 0

@@ -26,7 +26,8 @@ def record(build: Build, collect: Callable[[], sbom.Inventory], guest_aliases: M
             inventory = collect()
         except sbom.SbomError as e:
             raise BuildError(f"generalize: {e}") from None
-        doc = sbom.cyclonedx(inventory, name=build.plan.name, version=build.run_id, serial_key=build.run_key)
+        doc = sbom.cyclonedx(inventory, name=build.plan.name, version=build.run_id, serial_key=build.run_key,
+                             scripts=build.plan.checksums)
         runoutputs.write_document(build.plan.name, build.run_id, sbom.FILE_NAME, sbom.dumps(doc))
     doc = json.loads(target.read_bytes())
     build.log.info("SBOM: %d packages, kept in %s", len(sbom.packages(doc)), target)

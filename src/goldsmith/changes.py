@@ -56,10 +56,13 @@ def describe(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     if old.get("templateDigest") != new.get("templateDigest"):
         lines.append(f"template and scripts: {str(old.get('templateDigest'))[:19]} → {str(new.get('templateDigest'))[:19]}")
     try:
-        changed = sbom.diff(load_sbom(old), load_sbom(new))
+        a, b = load_sbom(old), load_sbom(new)
     except ChangesError as e:
         return lines + [f"packages: not compared ({e})"]
-    return lines + (changed.lines() or ["packages: unchanged"])
+    sa, sb = sbom.scripts(a), sbom.scripts(b)
+    lines += [f"script {'added' if u not in sa else 'removed' if u not in sb else 'changed'}: {u}"
+              for u in sorted(sa.keys() | sb.keys()) if sa.get(u) != sb.get(u)]
+    return lines + (sbom.diff(a, b).lines() or ["packages: unchanged"])
 
 
 def since_previous(artifact_id: str, home: Path | None = None) -> list[str]:

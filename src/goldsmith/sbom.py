@@ -30,6 +30,7 @@ SPEC_VERSION = "1.5"
 FILE_NAME = "sbom.cdx.json"
 PROP_SOURCE = "goldsmith:apt:source"
 PROP_KIND = "goldsmith:kind"
+PROP_SCRIPT = "goldsmith:script"  # "SHA256 URI" of each script and file the template referenced
 _NAMESPACE = uuid.UUID("0b7e4d1a-2c61-4f7e-9a3e-5d0c6f1b9e22")
 
 # Read in one SSH command: dpkg's database, where apt fetches from, and which distribution this is.
@@ -173,7 +174,7 @@ def parse_windows(output: str) -> Inventory:
         doc = json.loads(line[len(WINDOWS_MARKER):])
         programs = [Package(p["name"], p.get("version") or "", kind="windows-program", supplier=p.get("publisher") or "")
                     for p in doc.get("programs") or []]
-        updates = [Package(u["id"], "installed", kind="windows-update", supplier="Microsoft Corporation")
+        updates = [Package(u["id"], "", kind="windows-update", supplier="Microsoft Corporation")
                    for u in doc.get("updates") or []]
     except (ValueError, KeyError, TypeError) as e:
         raise SbomError(f"the Windows inventory is not what the script prints: {e}") from None
@@ -194,14 +195,15 @@ def purl(p: Package, os: Mapping[str, str]) -> str | None:
     return PackageURL("deb", os.get("ID") or "debian", p.name, p.version, qualifiers or None).to_string()
 
 
-def cyclonedx(inv: Inventory, *, name: str, version: str, serial_key: str,
-              timestamp: str | None = None) -> dict[str, Any]:
+def cyclonedx(inv: Inventory, *, name: str, version: str, serial_key: str, timestamp: str | None = None,
+              scripts: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The CycloneDX 1.5 document of the image `name`@`version`; `serial_key` (the run key) makes the serial
-    number stable across retries of the same build."""
+    number stable across retries of the same build. `scripts` (uri -> sha256, the plan's checksums) are
+    recorded without their query strings, which may hold SAS tokens."""
     components = []
     for p in inv.packages:
         c: dict[str, Any] = {"type": "library" if p.kind == "deb" else "application", "bom-ref": f"{p.kind}:{p.key}",
-                             "name": p.name, "version": p.version}
+                             "name": p.name, **({"version": p.version} if p.version else {})}
         if ref := purl(p, inv.os):
             c["purl"] = ref
         if p.supplier:
@@ -221,7 +223,8 @@ def cyclonedx(inv: Inventory, *, name: str, version: str, serial_key: str,
             "timestamp": timestamp or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "tools": {"components": [{"type": "application", "name": "goldsmith"}]},
             "component": {"type": "operating-system", "bom-ref": "image", "name": name, "version": version},
-            "properties": [{"name": PROP_SOURCE, "value": s} for s in inv.apt_sources],
+            "properties": [{"name": PROP_SOURCE, "value": s} for s in inv.apt_sources] + [
+                {"name": PROP_SCRIPT, "value": f"{sha} {uri.split('?', 1)[0]}"} for uri, sha in sorted((scripts or {}).items())],
         },
         "components": components,
         "dependencies": [{"ref": "image", "dependsOn": [c["bom-ref"] for c in components]}],
@@ -288,6 +291,12 @@ def apt_sources(doc: Mapping[str, Any]) -> list[str]:
     return [p["value"] for p in doc.get("metadata", {}).get("properties", []) if p["name"] == PROP_SOURCE]
 
 
+def scripts(doc: Mapping[str, Any]) -> dict[str, str]:
+    """uri -> sha256 of the scripts and files the build's template referenced."""
+    pairs = [p["value"].split(" ", 1) for p in doc.get("metadata", {}).get("properties", []) if p["name"] == PROP_SCRIPT]
+    return {uri: sha for sha, uri in pairs}
+
+
 def compare_versions(a: str, b: str) -> int:
     """dpkg's order (epochs, ~); other version strings compare the same way, which orders dotted numbers."""
     va, vb = Version(a or "0"), Version(b or "0")
@@ -305,7 +314,8 @@ class Diff:
         return bool(self.added or self.removed or self.upgraded or self.downgraded)
 
     def lines(self) -> list[str]:
-        return ([f"+ {p.name} {p.version}" for p in self.added] + [f"- {p.name} {p.version}" for p in self.removed]
+        return ([f"+ {p.name} {p.version}".rstrip() for p in self.added]
+                + [f"- {p.name} {p.version}".rstrip() for p in self.removed]
                 + [f"↑ {o.name} {o.version} → {n.version}" for o, n in self.upgraded]
                 + [f"↓ {o.name} {o.version} → {n.version}" for o, n in self.downgraded])
 
