@@ -16,6 +16,7 @@ import importlib
 import logging
 import re
 import uuid
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,8 @@ class Build:
     run_id: str
     params: dict[str, Any] = field(default_factory=dict)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("goldsmith.build"))
+    # goldsmith.secrets, resolved (and masked) by the customize/validate task that needs them; never in XCom.
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def guid(self) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from goldsmith import core
+from goldsmith.secrets import strip_uri
 from goldsmith.settings import goldsmith_home, templates_dir
 from goldsmith.template import model as m
 
@@ -41,7 +42,8 @@ def target_uri(distributor: Any, template_name: str) -> str:
         return image_uri(distributor.galleryImageId)
     if distributor.type == "ManagedImage":
         return image_uri(distributor.imageId)
-    return distributor.uri or f"vhd:{template_name}/{distributor.runOutputName}"
+    # An asset URI is shown and sent everywhere: a SAS token or a user:password@ stays out of it.
+    return strip_uri(distributor.uri) if distributor.uri else f"vhd:{template_name}/{distributor.runOutputName}"
 
 
 def follows_source(template: m.ImageTemplate, options: m.GoldsmithOptions) -> bool:
@@ -228,10 +230,14 @@ def openlineage_for_distribution(source_uri_: str, target_uri_: str, output: dic
         sourceId: str | None
         sourceExactVersion: str | None
         templateDigest: str
+        sbomSha256: str | None = None
+        sbomPackages: int | None = None
 
+    sbom = output.get("sbom") or {}
     facet = GoldsmithImageRunFacet(
         runOutputName=output["runOutputName"], artifactId=output.get("artifactId"),
         artifactUri=output.get("artifactUri"), sourceId=source.get("id"),
-        sourceExactVersion=source.get("exactVersion"), templateDigest=digest)
+        sourceExactVersion=source.get("exactVersion"), templateDigest=digest,
+        sbomSha256=sbom.get("sha256"), sbomPackages=sbom.get("packages"))
     return OperatorLineage(inputs=[openlineage_dataset(source_uri_)], outputs=[openlineage_dataset(target_uri_)],
                            run_facets={"goldsmith_image": facet})

@@ -48,26 +48,31 @@ class Provenance:
     dagId: str
     runId: str
     parents: tuple[str, ...] = field(default=())
+    # The build's SBOM reference (sha256, packages, uri: sbom.SbomRef as JSON), when the build made one.
+    sbom: Mapping[str, Any] | None = field(default=None, compare=False)
 
     @classmethod
-    def of(cls, source: Mapping[str, Any], *, template: str, digest: str, dag_id: str, run_id: str) -> Provenance:
+    def of(cls, source: Mapping[str, Any], *, template: str, digest: str, dag_id: str, run_id: str,
+           sbom: Mapping[str, Any] | None = None) -> Provenance:
         """A build's provenance from its resolved source (the plan's `source` XCom)."""
         ref = SourceRef.from_json(source)
-        return cls(ref, template, digest, dag_id, run_id, tuple(source.get("parents") or ref.parents))
+        return cls(ref, template, digest, dag_id, run_id, tuple(source.get("parents") or ref.parents), sbom)
 
     def record(self) -> dict[str, Any]:
         """As the local gallery's metadata holds it (`provenance`)."""
         return {"source": self.source.json(), "template": self.template, "templateDigest": self.templateDigest,
-                "dagId": self.dagId, "runId": self.runId, "parents": list(self.parents)}
+                "dagId": self.dagId, "runId": self.runId, "parents": list(self.parents),
+                **({"sbom": dict(self.sbom)} if self.sbom else {})}
 
     @classmethod
     def from_record(cls, data: Mapping[str, Any]) -> Provenance:
         return cls(SourceRef.from_json(data.get("source") or {}), data["template"], data.get("templateDigest") or "",
-                   data.get("dagId") or "", data["runId"], tuple(data.get("parents") or ()))
+                   data.get("dagId") or "", data["runId"], tuple(data.get("parents") or ()), data.get("sbom"))
 
     def output_extra(self) -> dict[str, Any]:
         """The `goldsmith` part of a run output."""
-        return {"digest": self.templateDigest, "source": self.source.json(), "parents": list(self.parents)}
+        return {"digest": self.templateDigest, "source": self.source.json(), "parents": list(self.parents),
+                **({"sbom": dict(self.sbom)} if self.sbom else {})}
 
     def tags(self) -> dict[str, str]:
         """As Azure resource tags on a published artifact (parents follow from the source)."""
@@ -113,4 +118,5 @@ class Artifact:
         p = self.provenance
         return {"id": self.id, "kind": self.kind, "version": self.version, "template": p.template,
                 "dagId": p.dagId, "runId": p.runId, "templateDigest": p.templateDigest,
-                "source": p.source.json(), "parents": list(p.parents), "createdTime": self.createdTime}
+                "source": p.source.json(), "parents": list(p.parents), "createdTime": self.createdTime,
+                "sbom": dict(p.sbom) if p.sbom else None}

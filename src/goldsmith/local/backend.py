@@ -22,7 +22,7 @@ from typing import Any, Iterator
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from goldsmith import customizers, runoutputs
+from goldsmith import buildsbom, customizers, runoutputs, sbom, updates
 from goldsmith.core import Build, BuildError
 from goldsmith.communicator import CommunicatorError, SSHCommunicator
 from goldsmith.local import baseimage, catalog, disk, qemu, vmsizes
@@ -172,7 +172,8 @@ class LocalBackend:
         vm, comm = self._session()
         try:
             with comm:
-                if customizers.run_linux_customizer(comm, c, name=step.name, on_line=self._on_line):
+                if customizers.run_linux_customizer(comm, c, name=step.name, on_line=self._on_line,
+                                                 secrets=self.build.secrets):
                     self._wait_out_reboot(vm)
         except customizers.CustomizerError as e:  # downloads were already retried inside fetch()
             raise BuildError(f"{step.task_id}: {e}") from None
@@ -193,7 +194,8 @@ class LocalBackend:
         _, comm = self._session()
         try:
             with comm:
-                customizers.run_linux_validator(comm, v, name=step.name, on_line=self._on_line)
+                customizers.run_linux_validator(comm, v, name=step.name, on_line=self._on_line,
+                                                secrets=self.build.secrets)
         except customizers.CustomizerError as e:
             raise BuildError(f"{step.task_id}: validation failed: {e}") from None
         return {"step": step.task_id, "passed": True}
@@ -209,6 +211,9 @@ class LocalBackend:
         vm, comm = self._session()
         with comm:
             try:
+                # The packages as the image will have them, before deprovisioning.
+                buildsbom.record(self.build, lambda: sbom.collect_linux(buildsbom.ssh_runner(comm)),
+                                 updates.LOCAL_GUEST_ALIASES)
                 _run_root(comm, f"rm -f {baseimage.BUILD_VM_MARKER}")  # the image boots with cloud-init
                 customizers.deprovision(comm, on_line=self._on_line)
             except customizers.CustomizerError as e:
@@ -234,11 +239,17 @@ class LocalBackend:
         image = self.staging / "image.qcow2"
         if not image.exists():
             raise BuildError(f"{step.task_id}: no captured image in {self.staging}")
+        bom = buildsbom.ref(self.build)
+        files = {sbom.FILE_NAME: buildsbom.path(self.build)} if bom else {}
         provenance = Provenance.of(source, template=plan.name, digest=plan.digest, dag_id=self.build.dag_id,
-                                   run_id=self.build.run_id)
+                                   run_id=self.build.run_id,
+                                   sbom={**bom, "uri": ""} if bom else None)  # beside the artifact; lineage fills in where
         try:
             if d.type == "VHD":
                 artifact_id, artifact_uri = None, self._write_vhd(d, image)
+                sbom_path = Path(artifact_uri.removeprefix("file://") + "." + sbom.FILE_NAME)
+                if files:
+                    shutil.copyfile(files[sbom.FILE_NAME], sbom_path)
             elif d.type == "SharedImage":
                 regions = [(r.name, r.replicaCount, r.storageAccountType) for r in d.targetRegions or []] or [
                     (r, 1, d.storageAccountType or "Standard_LRS") for r in d.replicationRegions or []]
@@ -246,20 +257,23 @@ class LocalBackend:
                     d.galleryImageId, image, versioning=d.versioning,
                     version=self.build.params.get("galleryImageVersion"), source_version=source.get("exactVersion"),
                     exclude_from_latest=d.excludeFromLatest, target_regions=regions, artifact_tags=d.artifactTags,
-                    provenance=provenance.record(), run_key=self.build.run_key)
+                    provenance=provenance.record(), run_key=self.build.run_key, files=files)
                 artifact_id, artifact_uri = record.id, record.path.as_uri()
+                sbom_path = record.path.with_name(sbom.FILE_NAME)
             else:
                 record = self.gallery.publish_managed_image(
                     d.imageId, d.location, image, artifact_tags=d.artifactTags, provenance=provenance.record(),
-                    run_key=self.build.run_key)
+                    run_key=self.build.run_key, files=files)
                 artifact_id, artifact_uri = record.id, record.path.as_uri()
+                sbom_path = record.path.with_name(sbom.FILE_NAME)
         except GalleryError as e:
             raise BuildError(f"{step.task_id}: {e}") from None
+        sbom_extra = {"sbom": {**(provenance.sbom or {}), "uri": sbom_path.as_uri()}} if files else {}
         runoutputs.record(plan.name, self.build.run_id, d.runOutputName, artifactId=artifact_id,
                           artifactUri=artifact_uri, provisioningState="Succeeded",
-                          extra=provenance.output_extra())
+                          extra={**provenance.output_extra(), **sbom_extra})
         self.log.info("%s: %s", step.task_id, artifact_id or artifact_uri)
-        return {"runOutputName": d.runOutputName, "artifactId": artifact_id, "artifactUri": artifact_uri}
+        return {"runOutputName": d.runOutputName, "artifactId": artifact_id, "artifactUri": artifact_uri, **sbom_extra}
 
     def _write_vhd(self, d: Any, image: Path) -> str:
         """A fixed VHD, its size a whole number of MiB as Azure requires."""
