@@ -15,7 +15,7 @@ from airflow.configuration import conf
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
-from goldsmith import lineage, runoutputs, secrets
+from goldsmith import changes, lineage, runoutputs, secrets, updates
 from goldsmith.core import Build, BuildError, Pending, backend_for, trigger_for
 from goldsmith.template.loader import TemplateError, load_template
 from goldsmith.template.plan import BuildPlan, make_plan
@@ -98,8 +98,10 @@ class PlanOperator(BaseOperator):
         except BuildError as e:
             raise AirflowFailException(str(e)) from None
         self.log.info("plan %s: digest %s, source %s", plan.name, plan.digest, source)
-        if plan.options.rebuild == "onChange" and not context["params"].get("forceRebuild"):
+        if plan.options.rebuild != "always" and not context["params"].get("forceRebuild"):
             reason = _unchanged_since(plan, source)
+            if reason and plan.options.rebuild == "onUpdates":
+                reason = _without_updates(plan, self.log)
             if reason:
                 self.log.info(reason)  # Airflow logs a skip as "Skipping task." without its message
                 raise AirflowSkipException(reason)
@@ -162,6 +164,9 @@ class DistributeOperator(GoldsmithStepOperator):
         step = next(s for s in build.plan.distribute_steps() if s.name == self.run_output_name)
         source = context["ti"].xcom_pull(task_ids="plan", key="source")
         output = secrets.strip_secrets_json(backend_for(build).distribute(step, source))
+        artifact = output.get("artifactId") or output.get("artifactUri")
+        for line in changes.since_previous(artifact) if artifact else []:  # the log ends with what changed
+            self.log.info("%s", line)
         # The asset event says which version this is and where it came from; rebuild chains and lineage read it.
         context["outlet_events"][self.outlets[0]].extra = {
             **output, "type": step.item.type, "version": lineage.image_version(output.get("artifactId")),
@@ -208,6 +213,25 @@ def _unchanged_since(plan: BuildPlan, source: dict[str, Any]) -> str | None:
             f"({source.get('exactVersion')}), same template and scripts ({plan.digest[:19]}). Trigger with "
             "forceRebuild to build anyway, or set \"goldsmith\": {\"rebuild\": \"always\"} for patch rebuilds.")
     return None
+
+
+def _without_updates(plan: BuildPlan, log: Any) -> str | None:
+    """Why an unchanged `onUpdates` build would repeat the last one (its apt sources carry nothing newer), or None
+    after logging the updates that make it build."""
+    try:
+        found = updates.since_last_build(plan.name, plan.options.backend)
+    except updates.UpdatesError as e:  # the archive may be back at the next try
+        raise AirflowException(f"onUpdates: can't read the image's package archives: {e}") from None
+    if found is None:
+        log.info("onUpdates: no SBOM of an earlier successful build to compare with: building")
+        return None
+    run_id, pending = found
+    if pending:
+        log.info("onUpdates: %d package updates since the build %s:\n  %s", len(pending), run_id,
+                 "\n  ".join(map(str, pending)))
+        return None
+    return (f"nothing changed since the successful build {run_id}: same source, template and scripts, and its apt "
+            "sources carry no newer version of any installed package")
 
 
 def _task_states(context: Context) -> dict[str, str]:

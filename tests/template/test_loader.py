@@ -425,7 +425,7 @@ def test_goldsmith_block(write, body):
 def test_goldsmith_block_problems(write, body):
     body["goldsmith"] = {"backnd": "azure", "retries": 11, "rebuild": "never"}
     assert problems(write(body)) == [
-        "goldsmith.rebuild: 'never' is not allowed: expected 'onChange' or 'always'",
+        "goldsmith.rebuild: 'never' is not allowed: expected 'onChange' or 'always' or 'onUpdates'",
         "goldsmith.retries: Input should be less than or equal to 10",
         "goldsmith.backnd: unknown field 'backnd' — did you mean 'backend'?",
     ]

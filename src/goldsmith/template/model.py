@@ -371,6 +371,17 @@ class SecretRef(Strict):
 SecretName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
 
 
+class SbomPolicy(Strict):
+    """A gate on what the image contains, checked on its SBOM before the build VM is generalized."""
+
+    forbiddenPackages: list[str] = Field(
+        default_factory=list, description="glob patterns of package names (e.g. 'telnet*') that fail the build")
+    pendingUpdates: Literal["ignore", "warn", "fail"] = Field(
+        "ignore", description="what newer versions in the image's apt sources (updateSuites) do to the build")
+    updateSuites: list[str] | None = Field(
+        None, description="suites whose pending updates the gate counts; default: those named '*security*'")
+
+
 class GoldsmithOptions(Strict):
     """The one block AIB has no field for: how Goldsmith schedules and runs the build.
 
@@ -380,9 +391,11 @@ class GoldsmithOptions(Strict):
 
     backend: Literal["local", "azure"] = "local"
     schedule: str | None = Field(None, description="cron expression or preset such as '@weekly'; none: on demand only")
-    rebuild: Literal["onChange", "always"] = Field(
-        "onChange", description="onChange: a scheduled run skips when source, template and scripts are unchanged"
+    rebuild: Literal["onChange", "always", "onUpdates"] = Field(
+        "onChange", description="onChange: a scheduled run skips when source, template and scripts are unchanged; "
+        "onUpdates: it also builds when the image's apt sources carry newer versions of its packages"
     )
+    sbom: SbomPolicy = Field(default_factory=SbomPolicy)
     retries: Annotated[int, Field(ge=0, le=10)] = 2
     retryDelaySeconds: Annotated[int, Field(ge=1, le=3600)] = 30
     owner: Annotated[str, Field(min_length=1, max_length=500)] = "goldsmith"
