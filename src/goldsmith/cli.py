@@ -91,9 +91,18 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_state() -> None:
+    """Damaged state files are named (exit 1) before a command trips over them."""
+    from goldsmith import statecheck
+    from goldsmith.settings import goldsmith_home
+
+    statecheck.check(goldsmith_home())
+
+
 def cmd_run_outputs(args: argparse.Namespace) -> int:
     from goldsmith import runoutputs
 
+    _check_state()
     try:
         run_id, outputs = runoutputs.list_outputs(args.template, args.run_id)
     except runoutputs.RunOutputsError as e:
@@ -113,6 +122,7 @@ def cmd_run_outputs(args: argparse.Namespace) -> int:
 def cmd_gallery_list(args: argparse.Namespace) -> int:
     from goldsmith.local.gallery import LocalGallery
 
+    _check_state()
     entries = LocalGallery().list()
     if args.json:
         print(json.dumps(entries, indent=2))
@@ -131,6 +141,7 @@ def cmd_gallery_list(args: argparse.Namespace) -> int:
 def cmd_lineage(args: argparse.Namespace) -> int:
     from goldsmith import lineage
 
+    _check_state()
     found = lineage.artifacts()
     try:
         result = lineage.ancestry(lineage.find(args.image, found), found)
@@ -155,6 +166,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 def cmd_outdated(args: argparse.Namespace) -> int:
     from goldsmith import lineage
 
+    _check_state()
     stale = lineage.outdated()
     if args.json:
         print(json.dumps(stale, indent=2))
@@ -252,12 +264,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from goldsmith.statecheck import StateError
+
     args = parser().parse_args(argv)
     try:
         return args.func(args)
     except UsageError as e:
         print(f"goldsmith: {e}", file=sys.stderr)
         return 2
+    except StateError as e:
+        print(f"goldsmith: damaged state files:\n{e}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `goldsmith render x | head`
         return 0
 

@@ -22,8 +22,6 @@ from typing import Any
 
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.storage.blob import BlobClient, BlobServiceClient, ContentSettings
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from goldsmith import buildsbom, customizers, runoutputs, sbom, versions
 from goldsmith.azure import arm, windows
@@ -31,8 +29,8 @@ from goldsmith.azure.arm import ResourceId, Wait
 from goldsmith.azure.hooks import AzureBuildHook, AzureSettingsError
 from goldsmith.azure.sources import AzureSources, parse
 from goldsmith.core import Build, BuildError, Pending, destination_resource_group
+from goldsmith.communicator import CommunicatorError, SSHCommunicator, create_build_key
 from goldsmith.provenance import TAG_DAG, TAG_RUN, TAG_TEMPLATE, Provenance
-from goldsmith.communicator import CommunicatorError, SSHCommunicator
 from goldsmith.settings import goldsmith_home
 from goldsmith.template.plan import Step
 
@@ -61,6 +59,9 @@ DELETE_ORDER = ([(T_VM, VM)], [(T_NIC, NIC), (T_IMAGE, IMAGE), (T_DISK, OS_DISK)
 TAG_CREATED_BY, TAG_EXPIRY, TAG_KEEP, TAG_DEPROVISIONED = (
     "createdBy", "goldsmith.expiry", "goldsmith.keep", "goldsmith.deprovisioned")
 
+
+# NSG source prefixes that mean "anyone": refused for the build VM's SSH rule.
+OPEN_TO_ALL = frozenset({"*", "0.0.0.0/0", "::/0", "internet", "any", "0.0.0.0"})
 
 class AzureBackend:
     def __init__(self, build: Build):
@@ -292,6 +293,11 @@ class AzureBackend:
 
     def _ssh_source(self) -> str:
         configured = self.hook.settings.ssh_source
+        if configured.strip().lower() in OPEN_TO_ALL:
+            raise BuildError(
+                f"provision: extra 'goldsmith_ssh_source' of connection '{self.hook.conn_id}' is '{configured}', "
+                "which opens the build VM's SSH to the whole Internet: set the CIDR the worker's SSH comes from "
+                "(e.g. 203.0.113.7/32), or 'auto'")
         if configured != "auto":
             return configured
         try:
@@ -386,16 +392,8 @@ class AzureBackend:
     def _ensure_key(self) -> str:
         """The public half of an ed25519 key made for this build only."""
         key = self.local / "id_ed25519"
-        if not key.exists():
-            self.local.mkdir(parents=True, exist_ok=True)
-            private = Ed25519PrivateKey.generate()
-            tmp = key.with_suffix(".tmp")
-            tmp.write_bytes(private.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-            tmp.chmod(0o600)
-            key.with_suffix(".pub").write_bytes(private.public_key().public_bytes(
-                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b" goldsmith-build\n")
-            tmp.rename(key)
+        self.local.mkdir(parents=True, exist_ok=True)
+        create_build_key(key)
         return key.with_suffix(".pub").read_text().strip()
 
     def _connect(self, address: str | None = None) -> SSHCommunicator:

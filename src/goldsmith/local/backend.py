@@ -19,12 +19,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from goldsmith import buildsbom, customizers, runoutputs, sbom, updates
 from goldsmith.core import Build, BuildError
-from goldsmith.communicator import CommunicatorError, SSHCommunicator
+from goldsmith.communicator import CommunicatorError, SSHCommunicator, create_build_key
 from goldsmith.local import baseimage, catalog, disk, qemu, vmsizes
 from goldsmith.local.gallery import GalleryError, LocalGallery
 from goldsmith.local.sources import LocalSources
@@ -67,15 +65,7 @@ class LocalBackend:
     def _ensure_key(self) -> Path:
         """An ed25519 key made for this build only; it reaches the VM through the cloud-init seed."""
         key = self.staging / "id_ed25519"
-        if not key.exists():
-            private = Ed25519PrivateKey.generate()
-            tmp = key.with_suffix(".tmp")
-            tmp.write_bytes(private.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-            tmp.chmod(0o600)
-            key.with_suffix(".pub").write_bytes(private.public_key().public_bytes(
-                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b" goldsmith-build\n")
-            tmp.rename(key)
+        create_build_key(key)
         return key
 
     def _require_staging(self) -> None:
