@@ -21,6 +21,10 @@ def goldsmith_cache() -> Path:
     return _dir("GOLDSMITH_CACHE", "~/.cache/goldsmith")
 
 
+# The checkout (or installed package) root: dags/, plugins/ and include/ sit here.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
 def templates_dir() -> Path:
-    """The image templates, one DAG each. `$GOLDSMITH_TEMPLATES`, default the project's include/templates."""
-    return Path(os.environ.get("GOLDSMITH_TEMPLATES") or Path(__file__).resolve().parents[2] / "include" / "templates")
+    """The image templates, one DAG each. `$GOLDSMITH_TEMPLATES`, default include/templates."""
+    return Path(os.environ.get("GOLDSMITH_TEMPLATES") or PROJECT_ROOT / "include" / "templates")
