@@ -15,7 +15,7 @@ from airflow.configuration import conf
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
-from goldsmith import lineage, runoutputs
+from goldsmith import affinity, lineage, runoutputs
 from goldsmith.build import Build, BuildError, Pending, backend_for
 from goldsmith.template.loader import TemplateError, load_template
 from goldsmith.template.plan import BuildPlan, make_plan
@@ -39,6 +39,10 @@ class GoldsmithStepOperator(BaseOperator):
 
     def execute(self, context: Context) -> Any:
         build = self.build(context)
+        if self.task_id != "prepare_staging":
+            staged = context["ti"].xcom_pull(task_ids="prepare_staging") or {}
+            if reason := affinity.wrong_host(staged.get("host")):
+                raise AirflowFailException(f"{self.task_id}: {reason}")
         while True:
             try:
                 return self.run_step(build, context)
