@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from goldsmith import affinity
-from goldsmith.build import Build
+from goldsmith.core import Build
 from goldsmith.dag_factory import build_dags
 from goldsmith.local.backend import MARKER, LocalBackend
 from goldsmith.template.loader import load_template

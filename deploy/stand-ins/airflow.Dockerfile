@@ -9,8 +9,9 @@ RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no
     && useradd --uid 50000 --gid 0 --create-home --home-dir /home/airflow airflow \
     && mkdir -p /opt/airflow /opt/python && chown airflow:0 /opt/airflow /opt/python \
     && printf '%s\n' '#!/bin/bash' \
-        '# Like the official entrypoint: bash/python/airflow/celery commands as given, anything else is airflow <args>.' \
-        'case "$1" in bash|python|python3|airflow|celery|pip) exec "$@";; esac' \
+        '# Like the official entrypoint: bash/python/airflow commands as given, anything else is airflow <args>' \
+        '# (the compose file'"'"'s `celery worker` is `airflow celery worker`).' \
+        'case "$1" in bash|python|python3|airflow) exec "$@";; esac' \
         'exec airflow "$@"' > /entrypoint && chmod 755 /entrypoint
 ENV AIRFLOW_HOME=/opt/airflow PATH=/opt/python/bin:/home/airflow/.local/bin:$PATH PYTHONUNBUFFERED=1
 USER airflow
