@@ -8,7 +8,6 @@ placeholder DAG carrying the errors, so one broken file never hides the other te
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -22,7 +21,7 @@ from goldsmith import affinity, lineage
 from goldsmith.azure.janitor import JANITOR_DAG_ID, janitor_dag
 from goldsmith.operators import steps as ops
 from goldsmith.secrets import strip_secrets
-from goldsmith.settings import goldsmith_home
+from goldsmith.settings import PROJECT_ROOT, goldsmith_home, templates_dir  # noqa: F401 (re-exported)
 from goldsmith.template.loader import LoadedTemplate, TemplateError, load_template
 from goldsmith.triggers import SourceVersionTrigger
 from goldsmith.template.plan import backend_problems, customize_steps, distribute_steps, validate_steps
@@ -30,11 +29,6 @@ from goldsmith.template.plan import backend_problems, customize_steps, distribut
 BUILD_VM_POOL = affinity.BUILD_VM_POOL
 START_DATE = datetime(2024, 1, 1)
 _DAG_ID = re.compile(r"^[A-Za-z0-9_.-]{1,250}$")
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-def templates_dir() -> Path:
-    return Path(os.environ.get("GOLDSMITH_TEMPLATES") or PROJECT_ROOT / "include" / "templates")
 
 
 def build_dags(folder: Path | None = None) -> dict[str, DAG]:
