@@ -168,6 +168,36 @@ def cmd_outdated(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sbom(args: argparse.Namespace) -> int:
+    from goldsmith import changes, lineage, sbom
+
+    try:
+        doc = changes.load_sbom(lineage.find(args.image, lineage.artifacts()))
+    except (LookupError, changes.ChangesError) as e:
+        print(f"goldsmith: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(sbom.spdx(doc) if args.format == "spdx" else doc, indent=2))
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from goldsmith import changes, lineage
+
+    found = lineage.artifacts()
+    try:
+        old, new = lineage.find(args.old, found), lineage.find(args.new, found)
+        if args.json:
+            from goldsmith import sbom
+
+            print(json.dumps(sbom.diff(changes.load_sbom(old), changes.load_sbom(new)).as_dict(), indent=2))
+            return 0
+    except (LookupError, changes.ChangesError) as e:
+        print(f"goldsmith: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(changes.describe(old, new)))
+    return 0
+
+
 def _template_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parameters", metavar="FILE", help="ARM parameters file ({\"parameters\": {\"x\": {\"value\": ...}}})")
     p.add_argument("--set", action="append", metavar="NAME=VALUE",
@@ -203,6 +233,16 @@ def parser() -> argparse.ArgumentParser:
     od = sub.add_parser("outdated", help="images whose source has a newer version, with the DAG to trigger")
     od.add_argument("--json", action="store_true")
     od.set_defaults(func=cmd_outdated)
+    sb = sub.add_parser("sbom", help="the SBOM of an image version (CycloneDX 1.5 JSON, or SPDX 2.3)")
+    sb.add_argument("image", metavar="IMAGE[@VERSION]", help="a template name (optionally @version) or an artifact id")
+    sb.add_argument("--format", choices=("cyclonedx", "spdx"), default="cyclonedx")
+    sb.set_defaults(func=cmd_sbom)
+    df = sub.add_parser("diff", help="packages added, removed and upgraded between two image versions, and what "
+                                     "else changed (source version, template and scripts)")
+    df.add_argument("old", metavar="IMAGE@A")
+    df.add_argument("new", metavar="IMAGE@B")
+    df.add_argument("--json", action="store_true", help="only the package changes, as JSON")
+    df.set_defaults(func=cmd_diff)
     g = sub.add_parser("gallery", help="the local gallery")
     gs = g.add_subparsers(dest="gallery_command", required=True)
     gl = gs.add_parser("list", help="image definitions, versions and managed images, with their provenance")

@@ -301,9 +301,11 @@ class SSHCommunicator:
         log.info("%s: upload %d bytes to %s", self, len(data), remote_path)
         with self._sftp() as sftp:
             try:
-                sftp.putfo(io.BytesIO(data), remote_path)
-                if mode is not None:
-                    sftp.chmod(remote_path, mode)
+                with sftp.open(remote_path, "wb") as f:
+                    if mode is not None:  # before the content: a secret file is never readable by others
+                        f.chmod(mode)
+                    f.set_pipelined(True)
+                    f.write(data)
             except FileNotFoundError as e:
                 raise FileNotFoundError(e.errno, f"{remote_path}: no such directory on {self.host}") from e
             except PermissionError as e:

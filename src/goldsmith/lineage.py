@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from goldsmith.secrets import strip_uri
 from goldsmith.settings import goldsmith_home
 from goldsmith.template import model as m
 
@@ -41,7 +42,8 @@ def target_uri(distributor: Any, template_name: str) -> str:
         return image_uri(distributor.galleryImageId)
     if distributor.type == "ManagedImage":
         return image_uri(distributor.imageId)
-    return distributor.uri or f"vhd:{template_name}/{distributor.runOutputName}"
+    # An asset URI is shown and sent everywhere: a SAS token or a user:password@ stays out of it.
+    return strip_uri(distributor.uri) if distributor.uri else f"vhd:{template_name}/{distributor.runOutputName}"
 
 
 def follows_source(template: m.ImageTemplate, options: m.GoldsmithOptions) -> bool:
@@ -69,6 +71,7 @@ def artifacts(home: Path | None = None) -> dict[str, dict[str, Any]]:
     lineage survives the loss of that database.
     """
     from goldsmith.local.gallery import LocalGallery
+    from goldsmith.sbom import FILE_NAME as SBOM_FILE
 
     home = home or goldsmith_home()
     found: dict[str, dict[str, Any]] = {}
@@ -80,6 +83,7 @@ def artifacts(home: Path | None = None) -> dict[str, dict[str, Any]]:
                 "version": meta.get("version"), "template": prov["template"], "dagId": prov["dagId"],
                 "runId": prov["runId"], "templateDigest": prov["templateDigest"], "source": prov["source"],
                 "parents": prov["parents"], "createdTime": meta["createdTime"],
+                "sbom": {**prov["sbom"], "uri": Path(meta["path"]).with_name(SBOM_FILE).as_uri()} if prov.get("sbom") else None,
             }
     for template_dir in sorted((home / "runs").glob("*/")):
         for run_dir in template_dir.glob("*/outputs"):
@@ -92,7 +96,7 @@ def artifacts(home: Path | None = None) -> dict[str, dict[str, Any]]:
                     "id": uri, "kind": "vhd", "version": None, "template": template_dir.name,
                     "dagId": template_dir.name, "runId": extra["runId"], "templateDigest": extra.get("digest"),
                     "source": extra.get("source", {}), "parents": extra.get("parents", []),
-                    "createdTime": extra["recordedTime"],
+                    "createdTime": extra["recordedTime"], "sbom": extra.get("sbom"),
                 }
     return found
 
@@ -225,10 +229,14 @@ def openlineage_for_distribution(source_uri_: str, target_uri_: str, output: dic
         sourceId: str | None
         sourceExactVersion: str | None
         templateDigest: str
+        sbomSha256: str | None = None
+        sbomPackages: int | None = None
 
+    sbom = output.get("sbom") or {}
     facet = GoldsmithImageRunFacet(
         runOutputName=output["runOutputName"], artifactId=output.get("artifactId"),
         artifactUri=output.get("artifactUri"), sourceId=source.get("id"),
-        sourceExactVersion=source.get("exactVersion"), templateDigest=digest)
+        sourceExactVersion=source.get("exactVersion"), templateDigest=digest,
+        sbomSha256=sbom.get("sha256"), sbomPackages=sbom.get("packages"))
     return OperatorLineage(inputs=[openlineage_dataset(source_uri_)], outputs=[openlineage_dataset(target_uri_)],
                            run_facets={"goldsmith_image": facet})

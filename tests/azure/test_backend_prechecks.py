@@ -10,7 +10,7 @@ import pytest
 from test_backend import DEBIAN, LOCATION, drive, env, images, make_build  # noqa: F401 - fixtures
 
 from goldsmith.azure.backend import AzureBackend
-from goldsmith.build import BuildError
+from goldsmith.core import BuildError
 
 VHD = {"distribute": [{"type": "VHD", "runOutputName": "v", "uri": "https://x.invalid/c"}]}
 CIS = {"type": "PlatformImage", "publisher": "center-for-internet-security-inc", "offer": "cis-ubuntu-linux-2204-l1",

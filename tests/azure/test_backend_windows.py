@@ -5,6 +5,7 @@ failures) and asserts how Goldsmith reacts."""
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,8 +13,9 @@ import pytest
 from armdouble.winguest import WindowsGuest
 from test_backend import WINDOWS, drive, env, images, make_build  # noqa: F401 - env and images are fixtures
 
+from goldsmith import buildsbom, sbom
 from goldsmith.azure.backend import AzureBackend
-from goldsmith.build import BuildError
+from goldsmith.core import BuildError
 
 
 @pytest.fixture
@@ -136,6 +138,17 @@ def test_sysprep_success_generalizes_and_its_failure_fails_generalize(env, arm_d
         vm = arm_double.get(f"{backend.group}/providers/Microsoft.Compute/virtualMachines/goldsmith-vm")
         assert vm["tags"]["goldsmith.deprovisioned"] == "true"
     assert sum("Sysprep.exe" in s for s in guest.scripts) == 2
+
+
+def test_the_sbom_lists_what_the_guest_has_installed(env, guest, images, tmp_path):
+    guest.updates = [True]
+    with windows_vm(tmp_path, images, [{"type": "WindowsUpdate"}]) as backend:
+        customize_all(backend)
+        drive(backend.generalize)
+        bom = buildsbom.ref(backend.build)
+    doc = json.loads(buildsbom.path(backend.build).read_text())
+    assert bom["packages"] == 3  # Edge and two hotfixes, one of them installed by the update round
+    assert {"KB5044277", "KB5000001"} <= set(sbom.packages(doc))
 
 
 def test_every_generated_script_parses_as_powershell(env, guest, images, tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from local.test_qemu import qemu_processes_in
 
-from goldsmith.build import Build
+from goldsmith.core import Build
 from goldsmith.local.backend import LocalBackend
 from goldsmith.local.qemu import VMState
 from goldsmith.template.loader import load_template
@@ -30,7 +30,7 @@ TEMPLATE = {"location": "westus2", "goldsmith": {"backend": "local"}, "propertie
 # firmware finds nothing to boot and QEMU idles), dying by SIGKILL at `KILL_AT`.
 TASK = textwrap.dedent("""
     import logging, os, signal, subprocess, sys
-    from goldsmith.build import Build
+    from goldsmith.core import Build
     from goldsmith.local import qemu
     from goldsmith.local.backend import LocalBackend
     from goldsmith.template.loader import load_template

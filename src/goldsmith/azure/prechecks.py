@@ -15,7 +15,7 @@ from typing import Any
 
 from azure.core.exceptions import ResourceNotFoundError
 
-from goldsmith.build import BuildError
+from goldsmith.core import BuildError
 
 AGREEMENTS_API = "2021-01-01"
 

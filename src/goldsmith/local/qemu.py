@@ -8,7 +8,7 @@ with ``VMState.load(staging_dir)``. Files in the staging dir:
 
 No QEMU runs unrecorded: ``vm.json`` (with the exact argv) is written before QEMU starts, and QEMU writes
 its own pid to ``qemu.pid``; a task killed between the launch and recording the pid leaves a VM that the
-next task (or cleanup) still finds through the pid file.
+next task (or cleanup) still finds, through the pid file or, before QEMU has written it, by its argv.
 
 Choices, from measurements on this host (see shared/notes/qemu-on-these-machines.md):
 
@@ -123,9 +123,8 @@ class VMState:
 
     def is_running(self) -> bool:
         """True if our QEMU still runs: the pid's command line is exactly ours (pids get reused)."""
-        if not self.pid:  # recorded before the launch: QEMU's pid file says which process it became
-            with contextlib.suppress(OSError, ValueError):
-                self.pid = int((self.path / PID_FILE).read_text())
+        if not self.pid:  # recorded before the launch: find the process it became
+            self.pid = _launched_pid(self)
         try:
             cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes()
         except OSError:
@@ -366,6 +365,20 @@ def _wait_started(state: VMState, timeout: float = 30) -> bool:
     with contextlib.suppress(ProcessLookupError):
         os.kill(state.pid, signal.SIGKILL)
     raise VMError(f"QEMU did not answer on QMP within {timeout:.0f} s; killed it. See {state.path / QEMU_LOG}")
+
+
+def _launched_pid(state: VMState) -> int:
+    """QEMU's pid from its pid file, or (QEMU has not written it yet) the process running exactly the
+    recorded argv in the staging dir; 0 if there is none."""
+    with contextlib.suppress(OSError, ValueError):
+        return int((state.path / PID_FILE).read_text())
+    argv = b"\0".join(a.encode() for a in state.argv) + b"\0"
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if (proc.name.isdigit() and (proc / "cmdline").read_bytes() == argv
+                    and (proc / "cwd").resolve() == state.path.resolve()):
+                return int(proc.name)
+    return 0
 
 
 def _alive(pid: int) -> bool:

@@ -126,6 +126,7 @@ class ArmDouble:
             self.windows_run_command = lambda vm, command_id, script, parameters: ("", "")
             self.addresses: set[str] = set()
             self.latency: dict[str, Latency] = {"*": Latency()}
+            self.marketplace.accepted.clear()  # terms a test accepted
             self._lro_fault: Fault | None = None
 
     def _clear(self) -> None:

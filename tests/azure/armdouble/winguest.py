@@ -17,6 +17,8 @@ by what it does rather than by canned text:
   rebooted, and fails like the script's own timeout otherwise;
 - a Windows Update round takes the next entry of `updates` (True: installs and needs a restart);
 - sysprep exits with `sysprep_exit_code` and, on 0, reports the generalized image state;
+- the software inventory (the SBOM script) lists `programs` and the installed `hotfixes` (each Windows
+  Update round that installs adds one);
 - anything else exits 0 with no output.
 A rule may also `reboot` the guest (a script that restarts it) or `fail` (the Run Command itself fails).
 Every script received is in `scripts`; `parse_errors()` syntax-checks them with PowerShell's own parser
@@ -54,6 +56,9 @@ class WindowsGuest:
     updates: list[bool] = field(default_factory=list)
     sysprep_exit_code: int = 0
     ignores_restart: bool = False
+    programs: list[dict] = field(default_factory=lambda: [
+        {"name": "Microsoft Edge", "version": "131.0.2903.70", "publisher": "Microsoft Corporation"}])
+    hotfixes: list[str] = field(default_factory=lambda: ["KB5044277"])
     boots: int = 0
     scripts: list[str] = field(default_factory=list)
     rules: list[Rule] = field(default_factory=list)
@@ -99,8 +104,14 @@ class WindowsGuest:
             if not self.updates:
                 return 0, "no updates to install\n", ""
             reboot = self.updates.pop(0)
+            self.hotfixes.append(f"KB50{len(self.hotfixes):05d}")
             return 0, "selected: 2025-01 Cumulative Update\ninstalled 1 update(s), result code 2\n" + (
                 REBOOT_MARKER + "\n" if reboot else ""), ""
+        if "goldsmith-sbom:" in script and "Get-HotFix" in script:
+            return 0, "goldsmith-sbom:" + json.dumps({
+                "os": {"ID": "windows", "NAME": "Microsoft Windows Server 2019 Datacenter", "VERSION_ID": "10.0.17763"},
+                "programs": self.programs, "updates": [{"id": h, "description": "Security Update"}
+                                                       for h in self.hotfixes]}) + "\n", ""
         if "Sysprep.exe" in script:
             if self.sysprep_exit_code:
                 return self.sysprep_exit_code, "", "Sysprep failed: see C:\\Windows\\System32\\Sysprep\\Panther\n"
