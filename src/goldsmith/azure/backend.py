@@ -24,7 +24,7 @@ from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.storage.blob import BlobClient, BlobServiceClient, ContentSettings
 
 from goldsmith import buildsbom, customizers, runoutputs, sbom, versions
-from goldsmith.azure import arm, windows
+from goldsmith.azure import arm, prechecks, windows
 from goldsmith.azure.arm import ResourceId, Wait
 from goldsmith.azure.hooks import AzureBuildHook, AzureSettingsError
 from goldsmith.azure.sources import AzureSources, parse
@@ -245,6 +245,7 @@ class AzureBackend:
             state = arm.provisioning_state(arm.get(self.arm, self._id(T_VM, VM)))
             if state != "Succeeded":
                 if state in (None, "Failed"):  # the network is needed only to create the VM
+                    prechecks.check_vm(self.arm, self.subscription, self._vm_body(source), source)
                     self._wait_for("network resources", self._network(source["osType"] == "Windows"))
                     self._wait_for("network interface", [self._ensure(T_NIC, NIC, "network interface", self._nic_body)])
                     self.log.info("creating build VM %s (%s) from %s", VM, self._vm_size(source), source["id"])

@@ -80,7 +80,7 @@ class AzureSources:
                 f"source.planInfo: {urn} is a marketplace image with a purchase plan; add \"planInfo\": "
                 f"{{\"planName\": \"{plan.get('name')}\", \"planProduct\": \"{plan.get('product')}\", "
                 f"\"planPublisher\": \"{plan.get('publisher')}\"}} (and accept its terms: az vm image terms accept)")
-        return {"type": "PlatformImage", "id": f"{urn}:{version}", "exactVersion": version, "parents": [],
+        return {"type": "PlatformImage", "id": f"{urn}:{version}", "exactVersion": version, "parents": [], "plan": plan,
                 "osType": image.get("osDiskImage", {}).get("operatingSystem", "Linux"),
                 "hyperVGeneration": image.get("hyperVGeneration") or "V1",
                 "imageReference": {"publisher": publisher, "offer": offer, "sku": sku, "version": version}}
