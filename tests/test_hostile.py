@@ -205,3 +205,112 @@ def test_airflow_dagbag_keeps_every_dag_and_serializes_each(hostile, monkeypatch
     assert set(bag.dags) == {"good", *expected}
     for dag in bag.dags.values():
         json.dumps(DagSerialization.to_dict(dag)).encode("utf-8")
+
+
+# --- isolation --------------------------------------------------------------------------------------------------
+
+def test_a_build_key_is_private_from_its_creation(tmp_path):
+    from goldsmith.communicator import create_build_key
+
+    key = tmp_path / "id_ed25519"
+    create_build_key(key)
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert key.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert key.with_suffix(".pub").read_text().startswith("ssh-ed25519 ")
+    first = key.read_bytes()
+    create_build_key(key)  # a retry adopts the key
+    assert key.read_bytes() == first and [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+
+
+def test_a_comma_in_a_staging_path_stays_inside_the_qemu_option(tmp_path):
+    """QEMU's own parser reads the escaped path as one file name, not as an extra option."""
+    import subprocess
+
+    from goldsmith.local import qemu
+
+    disk = tmp_path / "IT_a,file.locking=off_b" / "disk.qcow2"
+    disk.parent.mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "1M"], check=True)
+    info = subprocess.run(["qemu-img", "info", "--output=json", "--image-opts",
+                           f"driver=qcow2,file.filename={qemu._opt(disk)}"], capture_output=True, text=True)
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["virtual-size"] == 1024 * 1024
+
+
+@pytest.mark.parametrize("source", ["*", "0.0.0.0/0", "Internet", "::/0"])
+def test_azure_refuses_to_open_the_build_vms_ssh_to_everyone(source):
+    from types import SimpleNamespace
+
+    from goldsmith.azure.backend import AzureBackend
+    from goldsmith.core import BuildError
+
+    backend = SimpleNamespace(hook=SimpleNamespace(settings=SimpleNamespace(ssh_source=source), conn_id="azure"))
+    with pytest.raises(BuildError, match="opens the build VM's SSH to the whole Internet"):
+        AzureBackend._ssh_source(backend)
+    ok = SimpleNamespace(hook=SimpleNamespace(settings=SimpleNamespace(ssh_source="203.0.113.7/32"), conn_id="a"))
+    assert AzureBackend._ssh_source(ok) == "203.0.113.7/32"
+
+
+def test_secrets_reach_the_script_through_a_file_that_is_gone_before_it_runs(comm, caplog):
+    """Against sshd on loopback: the values are in the script's environment, on no command line or log line
+    of Goldsmith's, and the 0600 file that carried them is deleted even when the script fails."""
+    import logging
+
+    from goldsmith.customizers import CustomizerFailed, run_shell
+
+    value = "it's a $ecret with spaces; and `quotes`"
+    caplog.set_level(logging.DEBUG)
+    lines: list[str] = []
+    run_shell(comm, inline=['printf "%s\\n" "$TOKEN"', "ls /tmp | grep -c '^goldsmith-sec-.*\\.env$' || true",
+                            "ps -eo args | grep -cF \"$TOKEN\" || true"],
+              on_line=lines.append, name="sec", secrets={"TOKEN": value})
+    assert lines == [value, "0", "1"]  # the value; no env file left while it runs; only grep's own command line
+    assert value not in caplog.text and "TOKEN" not in caplog.text.replace("(env: TOKEN)", "")
+    with pytest.raises(CustomizerFailed):
+        run_shell(comm, inline=["exit 4"], on_line=lines.append, name="sec", secrets={"TOKEN": value})
+    assert comm.run("ls /tmp | grep -c '^goldsmith-sec-.*\\.env$' || true").tail == ["0"]
+    comm.run("rm -f /tmp/goldsmith-sec-*.sh")
+
+
+def test_file_sources_and_vhd_targets_stay_inside_the_allowed_folders(tmp_path, monkeypatch):
+    from goldsmith import confine
+    from goldsmith.customizers import FetchError, fetch
+
+    templates = tmp_path / "include" / "templates"
+    templates.mkdir(parents=True)
+    (tmp_path / "include" / "scripts").mkdir()
+    script = tmp_path / "include" / "scripts" / "s.sh"
+    script.write_text("echo hi\n")
+    monkeypatch.setenv("GOLDSMITH_TEMPLATES", str(templates))
+    monkeypatch.setenv("GOLDSMITH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("GOLDSMITH_ALLOWED_PATHS", "")
+    assert fetch(script.as_uri()) == b"echo hi\n"  # beside the templates folder
+    (tmp_path / "include" / "scripts" / "shadow").symlink_to("/etc/shadow")
+    for uri in ("file:///etc/shadow", "file:///proc/self/environ", (tmp_path / "include/scripts/shadow").as_uri()):
+        with pytest.raises(FetchError, match="cannot read source .* is outside the folders templates may use"):
+            fetch(uri)
+    key = tmp_path / "home" / "staging" / "IT_x" / "id_ed25519"
+    key.parent.mkdir(parents=True)
+    key.write_text("private")
+    with pytest.raises(FetchError, match="outside the folders"):  # another build's key, though under the home
+        fetch(key.as_uri())
+    os.mkfifo(tmp_path / "include" / "scripts" / "fifo")
+    with pytest.raises(FetchError, match="is not a regular file"):
+        fetch((tmp_path / "include" / "scripts" / "fifo").as_uri())
+    monkeypatch.setenv("GOLDSMITH_MAX_SOURCE_BYTES", "4")
+    with pytest.raises(FetchError, match="over the limit of 4"):
+        fetch(script.as_uri())
+    with pytest.raises(confine.ConfinementError, match="distribute.vhd.uri /etc/x.vhd is outside"):
+        confine.check("/etc/x.vhd", "distribute.vhd.uri")
+    monkeypatch.setenv("GOLDSMITH_ALLOWED_PATHS", "/srv/images")
+    assert confine.check("/srv/images/a.vhd", "uri") == Path("/srv/images/a.vhd")
+
+
+def test_validate_backend_checks_a_windows_aib_file_unchanged(tmp_path, capsys):
+    b = body()
+    b["properties"]["customize"] = [{"type": "PowerShell", "inline": ["Write-Host hi"]}, {"type": "WindowsRestart"}]
+    (tmp_path / "win.json").write_text(json.dumps(b))
+    assert main(["validate", str(tmp_path / "win.json")]) == 1
+    assert "needs a Windows build VM" in capsys.readouterr().out
+    assert main(["validate", "--backend", "azure", str(tmp_path / "win.json")]) == 0
+    assert capsys.readouterr().out == f"{tmp_path}/win.json: valid\n"

@@ -95,6 +95,9 @@ def test_dpkg_status_to_cyclonedx_and_spdx() -> None:
     assert doc["components"][0] == {"type": "operating-system", "bom-ref": "os:debian", "name": "debian",
                                     "version": "12", "description": "Debian GNU/Linux 12 (bookworm)"}
     assert sbom.apt_sources(doc) == ["deb http://deb.debian.org/debian bookworm main"]
+    private = sbom.cyclonedx(inventory(sources=("deb https://bot:s3cret@apt.example.com/deb stable main",)),
+                             name="app", version="run1", serial_key="k")
+    assert sbom.apt_sources(private) == ["deb https://apt.example.com/deb stable main"]  # no credential recorded
     again = sbom.cyclonedx(inventory(), name="app", version="run1", serial_key="dag/run1")
     assert again["serialNumber"] == doc["serialNumber"]  # a retried build describes itself with the same serial
     ref = sbom.ref_for(sbom.dumps(doc), "file:///x")

@@ -7,6 +7,7 @@ Problems print one a line as `FILE:JSON.PATH: message`; bad input never prints a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any, Sequence
@@ -37,6 +38,8 @@ def _values(args: argparse.Namespace) -> dict[str, Any]:
 
 def _load(path: str, args: argparse.Namespace):
     loaded = load_template(path, values=_values(args), allow_placeholders=args.allow_placeholders)
+    if getattr(args, "backend", None):  # check an AIB file unchanged against the backend that would build it
+        loaded = dataclasses.replace(loaded, options=loaded.options.model_copy(update={"backend": args.backend}))
     problems = backend_problems(loaded)
     if problems:
         raise TemplateError(path, problems)
@@ -91,9 +94,18 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_state() -> None:
+    """Damaged state files are named (exit 1) before a command trips over them."""
+    from goldsmith import statecheck
+    from goldsmith.settings import goldsmith_home
+
+    statecheck.check(goldsmith_home())
+
+
 def cmd_run_outputs(args: argparse.Namespace) -> int:
     from goldsmith import runoutputs
 
+    _check_state()
     try:
         run_id, outputs = runoutputs.list_outputs(args.template, args.run_id)
     except runoutputs.RunOutputsError as e:
@@ -113,6 +125,7 @@ def cmd_run_outputs(args: argparse.Namespace) -> int:
 def cmd_gallery_list(args: argparse.Namespace) -> int:
     from goldsmith.local.gallery import LocalGallery
 
+    _check_state()
     entries = LocalGallery().list()
     if args.json:
         print(json.dumps(entries, indent=2))
@@ -131,6 +144,7 @@ def cmd_gallery_list(args: argparse.Namespace) -> int:
 def cmd_lineage(args: argparse.Namespace) -> int:
     from goldsmith import lineage
 
+    _check_state()
     found = lineage.artifacts()
     try:
         result = lineage.ancestry(lineage.find(args.image, found), found)
@@ -155,6 +169,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 def cmd_outdated(args: argparse.Namespace) -> int:
     from goldsmith import lineage
 
+    _check_state()
     stale = lineage.outdated()
     if args.json:
         print(json.dumps(stale, indent=2))
@@ -211,6 +226,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="check templates; exit 1 if any is invalid")
     _template_options(v)
+    v.add_argument("--backend", choices=("local", "azure"),
+                   help="check as if the template's goldsmith.backend said this (e.g. a Windows AIB file: azure)")
     v.add_argument("templates", nargs="+", metavar="TEMPLATE")
     v.set_defaults(func=cmd_validate)
     r = sub.add_parser("render", help="print the resolved, normalized template as JSON")
@@ -252,12 +269,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from goldsmith.statecheck import StateError
+
     args = parser().parse_args(argv)
     try:
         return args.func(args)
     except UsageError as e:
         print(f"goldsmith: {e}", file=sys.stderr)
         return 2
+    except StateError as e:
+        print(f"goldsmith: damaged state files:\n{e}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `goldsmith render x | head`
         return 0
 

@@ -118,20 +118,36 @@ def find(query: str, found: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def ancestry(artifact: dict[str, Any], found: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Ancestors (what it was built from, up to the platform image), descendants (what was built from it,
     transitively) and siblings (the other targets of the same run)."""
-    def up(node: dict[str, Any]) -> list[dict[str, Any]]:
-        chain = []
-        for parent in node["parents"]:
-            parent_node = found.get(parent.lower())
-            chain.append(parent_node or {"id": parent, "kind": "external"})
-            if parent_node:
-                chain += up(parent_node)
-        if not node["parents"] and node.get("source", {}).get("type") == "PlatformImage":
-            chain.append({"id": node["source"]["id"], "kind": "platformImage"})
+    # Iterative walks with a visited set: any number of generations, and a cycle in damaged records ends.
+    def up(start: dict[str, Any]) -> list[dict[str, Any]]:
+        chain, stack, seen = [], [start], {start["id"].lower()}
+        while stack:
+            node = stack.pop()
+            for parent in reversed(node["parents"]):
+                if parent.lower() in seen:
+                    continue
+                seen.add(parent.lower())
+                parent_node = found.get(parent.lower())
+                chain.append(parent_node or {"id": parent, "kind": "external"})
+                if parent_node:
+                    stack.append(parent_node)
+            if not node["parents"] and node.get("source", {}).get("type") == "PlatformImage":
+                chain.append({"id": node["source"]["id"], "kind": "platformImage"})
         return chain
 
-    def down(node_id: str) -> list[dict[str, Any]]:
-        children = [a for a in found.values() if node_id.lower() in (p.lower() for p in a["parents"])]
-        return children + [d for c in children for d in down(c["id"])]
+    def down(start_id: str) -> list[dict[str, Any]]:
+        children_of: dict[str, list[dict[str, Any]]] = {}
+        for a in found.values():
+            for p in a["parents"]:
+                children_of.setdefault(p.lower(), []).append(a)
+        out, stack, seen = [], [start_id.lower()], {start_id.lower()}
+        while stack:
+            for child in children_of.get(stack.pop(), []):
+                if child["id"].lower() not in seen:
+                    seen.add(child["id"].lower())
+                    out.append(child)
+                    stack.append(child["id"].lower())
+        return out
 
     siblings = [a for a in found.values() if a["runId"] == artifact["runId"] and a["template"] == artifact["template"]
                 and a["id"] != artifact["id"]]

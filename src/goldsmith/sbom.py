@@ -26,6 +26,8 @@ from debian.deb822 import Deb822
 from debian.debian_support import Version
 from packageurl import PackageURL
 
+from goldsmith.secrets import strip_secrets, strip_uri
+
 SPEC_VERSION = "1.5"
 FILE_NAME = "sbom.cdx.json"
 PROP_SOURCE = "goldsmith:apt:source"
@@ -198,8 +200,8 @@ def purl(p: Package, os: Mapping[str, str]) -> str | None:
 def cyclonedx(inv: Inventory, *, name: str, version: str, serial_key: str, timestamp: str | None = None,
               scripts: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The CycloneDX 1.5 document of the image `name`@`version`; `serial_key` (the run key) makes the serial
-    number stable across retries of the same build. `scripts` (uri -> sha256, the plan's checksums) are
-    recorded without their query strings, which may hold SAS tokens."""
+    number stable across retries of the same build. `scripts` (uri -> sha256, the plan's checksums) and the apt
+    sources are recorded without credentials (query strings hold SAS tokens; apt allows user:password@)."""
     components = []
     for p in inv.packages:
         c: dict[str, Any] = {"type": "library" if p.kind == "deb" else "application", "bom-ref": f"{p.kind}:{p.key}",
@@ -223,8 +225,8 @@ def cyclonedx(inv: Inventory, *, name: str, version: str, serial_key: str, times
             "timestamp": timestamp or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "tools": {"components": [{"type": "application", "name": "goldsmith"}]},
             "component": {"type": "operating-system", "bom-ref": "image", "name": name, "version": version},
-            "properties": [{"name": PROP_SOURCE, "value": s} for s in inv.apt_sources] + [
-                {"name": PROP_SCRIPT, "value": f"{sha} {uri.split('?', 1)[0]}"} for uri, sha in sorted((scripts or {}).items())],
+            "properties": [{"name": PROP_SOURCE, "value": strip_secrets(s)} for s in inv.apt_sources] + [
+                {"name": PROP_SCRIPT, "value": f"{sha} {strip_uri(uri)}"} for uri, sha in sorted((scripts or {}).items())],
         },
         "components": components,
         "dependencies": [{"ref": "image", "dependsOn": [c["bom-ref"] for c in components]}],

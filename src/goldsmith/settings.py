@@ -19,3 +19,12 @@ def goldsmith_home() -> Path:
 def goldsmith_cache() -> Path:
     """Re-creatable downloads (base images, scripts). `$GOLDSMITH_CACHE`, default ~/.cache/goldsmith."""
     return _dir("GOLDSMITH_CACHE", "~/.cache/goldsmith")
+
+
+# The checkout (or installed package) root: dags/, plugins/ and include/ sit here.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def templates_dir() -> Path:
+    """The image templates, one DAG each. `$GOLDSMITH_TEMPLATES`, default include/templates."""
+    return Path(os.environ.get("GOLDSMITH_TEMPLATES") or PROJECT_ROOT / "include" / "templates")

@@ -22,15 +22,13 @@ from typing import Any, Iterator
 
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError, ServiceRequestError, ServiceResponseError
 from azure.storage.blob import BlobClient, BlobServiceClient, ContentSettings
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from goldsmith import buildsbom, customizers, runoutputs, sbom, versions
 from goldsmith.azure import arm, prechecks, windows
 from goldsmith.azure.arm import ResourceId, Wait
 from goldsmith.azure.hooks import AzureBuildHook, AzureSettingsError
 from goldsmith.core import Build, BuildError, Pending, destination_resource_group
-from goldsmith.communicator import CommunicatorError, SSHCommunicator
+from goldsmith.communicator import CommunicatorError, SSHCommunicator, create_build_key
 from goldsmith.settings import goldsmith_home
 from goldsmith.template.plan import Step
 
@@ -59,6 +57,9 @@ TAG_CREATED_BY, TAG_DAG, TAG_RUN, TAG_TEMPLATE, TAG_EXPIRY, TAG_KEEP, TAG_DEPROV
     "createdBy", "goldsmith.dagId", "goldsmith.runId", "goldsmith.template", "goldsmith.expiry", "goldsmith.keep",
     "goldsmith.deprovisioned")
 
+
+# NSG source prefixes that mean "anyone": refused for the build VM's SSH rule.
+OPEN_TO_ALL = frozenset({"*", "0.0.0.0/0", "::/0", "internet", "any", "0.0.0.0"})
 
 class AzureBackend:
     def __init__(self, build: Build):
@@ -405,6 +406,11 @@ class AzureBackend:
 
     def _ssh_source(self) -> str:
         configured = self.hook.settings.ssh_source
+        if configured.strip().lower() in OPEN_TO_ALL:
+            raise BuildError(
+                f"provision: extra 'goldsmith_ssh_source' of connection '{self.hook.conn_id}' is '{configured}', "
+                "which opens the build VM's SSH to the whole Internet: set the CIDR the worker's SSH comes from "
+                "(e.g. 203.0.113.7/32), or 'auto'")
         if configured != "auto":
             return configured
         try:
@@ -499,16 +505,8 @@ class AzureBackend:
     def _ensure_key(self) -> str:
         """The public half of an ed25519 key made for this build only."""
         key = self.local / "id_ed25519"
-        if not key.exists():
-            self.local.mkdir(parents=True, exist_ok=True)
-            private = Ed25519PrivateKey.generate()
-            tmp = key.with_suffix(".tmp")
-            tmp.write_bytes(private.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-            tmp.chmod(0o600)
-            key.with_suffix(".pub").write_bytes(private.public_key().public_bytes(
-                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b" goldsmith-build\n")
-            tmp.rename(key)
+        self.local.mkdir(parents=True, exist_ok=True)
+        create_build_key(key)
         return key.with_suffix(".pub").read_text().strip()
 
     def _connect(self, address: str | None = None) -> SSHCommunicator:

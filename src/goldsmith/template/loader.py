@@ -177,14 +177,14 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise TemplateError(path, [Problem("", "invalid template: JSON nested too deeply")]) from None
     if not isinstance(data, dict):
         raise TemplateError(path, [Problem("", f"a template is a JSON object, not {_json_type(data)}")])
-    surrogate = _find_surrogate(data, "")
+    surrogate = find_surrogate(data, "")
     if surrogate is not None:  # valid JSON, but no UTF-8 for the logs, the UI or the metadata database
         raise TemplateError(path, [Problem(surrogate, "contains a lone UTF-16 surrogate (\\ud800-\\udfff), "
                                                       "which is not text: remove it")])
     return data
 
 
-def _find_surrogate(value: Any, path: str) -> str | None:
+def find_surrogate(value: Any, path: str) -> str | None:
     """The JSON path of the first key or string holding a lone surrogate (iterative: any depth)."""
     stack = [(value, path)]
     while stack:
