@@ -106,6 +106,6 @@ def test_real_airflow_loads_valid_dags_beside_a_broken_one(folder: Path, tmp_pat
                              text=True).stdout
     dag_ids = {d["dag_id"] for d in json.loads(listing[listing.index("[{"):])}
     assert dag_ids == {"app", "broken", "windows"}
-    errors = subprocess.run([AIRFLOW, "dags", "list-import-errors", "-o", "json"], env=env, capture_output=True,
-                            text=True).stdout
+    errors = subprocess.run([AIRFLOW, "dags", "list-import-errors", "-o", "json"], env=env, check=True,
+                            capture_output=True, text=True).stdout
     assert "Traceback" not in errors and "app" not in errors

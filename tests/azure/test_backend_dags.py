@@ -8,6 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from azure.core.exceptions import ResourceNotFoundError
+from azure.mgmt.resource.resources import ResourceManagementClient
 
 from goldsmith.airflow_env import AIRFLOW, airflow_environ, prepare
 
@@ -88,7 +90,7 @@ def test_windows_templates_load_for_the_azure_backend(tmp_path):
         "customize.0_powershell", "customize.1_windowsrestart", "customize.2_windowsupdate", "validate.0_powershell"]
 
 
-def test_the_janitor_dag_deletes_a_leaked_staging_group(airflow_env, arm_double):
+def test_the_janitor_dag_deletes_a_leaked_staging_group(airflow_env, arm_double, azure_credentials):
     env = airflow_env
     write_template(env, "az-any", {"source": {"type": "PlatformImage", "publisher": "Debian", "offer": "debian-12",
                                               "sku": "12"}, "distribute": [{"type": "VHD", "runOutputName": "v"}]})
@@ -99,3 +101,9 @@ def test_the_janitor_dag_deletes_a_leaked_staging_group(airflow_env, arm_double)
     result = dags_test(env, "goldsmith_azure_janitor")
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     assert arm_double.get(leaked)["properties"]["provisioningState"] == "Deleting"
+    # The delete the janitor started completes: the group is gone, as a client reading it again sees.
+    c = azure_credentials
+    groups = ResourceManagementClient(c.credential(), c.subscription_id, **c.client_kwargs()).resource_groups
+    with pytest.raises(ResourceNotFoundError):
+        groups.get(leaked.rsplit("/", 1)[1])
+    assert leaked not in arm_double.resources()
