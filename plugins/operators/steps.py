@@ -17,6 +17,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, Airfl
 
 from goldsmith import lineage, runoutputs
 from goldsmith.build import Build, BuildError, Pending, backend_for
+from goldsmith.links import ArtifactLink
 from goldsmith.template.loader import TemplateError, load_template
 from goldsmith.template.plan import BuildPlan, make_plan
 
@@ -142,6 +143,8 @@ class CaptureOperator(GoldsmithStepOperator):
 
 
 class DistributeOperator(GoldsmithStepOperator):
+    operator_extra_links = (ArtifactLink(),)
+
     def __init__(self, *, run_output_name: str, **kwargs: Any):
         super().__init__(**kwargs)
         self.run_output_name = run_output_name

@@ -7,7 +7,6 @@ placeholder DAG carrying the errors, so one broken file never hides the other te
 
 from __future__ import annotations
 
-import os
 import re
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -20,7 +19,7 @@ from airflow.sdk.bases.operator import BaseOperator
 from goldsmith import lineage
 from goldsmith.azure.janitor import JANITOR_DAG_ID, janitor_dag
 from goldsmith.operators import steps as ops
-from goldsmith.settings import goldsmith_home
+from goldsmith.settings import goldsmith_home, templates_folder
 from goldsmith.template.loader import LoadedTemplate, TemplateError, load_template
 from goldsmith.triggers import SourceVersionTrigger
 from goldsmith.template.plan import backend_problems, customize_steps, distribute_steps, validate_steps
@@ -31,12 +30,8 @@ _DAG_ID = re.compile(r"^[A-Za-z0-9_.-]{1,250}$")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
-def templates_dir() -> Path:
-    return Path(os.environ.get("GOLDSMITH_TEMPLATES") or PROJECT_ROOT / "include" / "templates")
-
-
 def build_dags(folder: Path | None = None) -> dict[str, DAG]:
-    folder = folder or templates_dir()
+    folder = folder or templates_folder()
     wanted = get_parsing_context().dag_id
     assets: dict[str, Asset] = {}
     dags = {}

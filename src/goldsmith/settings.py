@@ -19,3 +19,17 @@ def goldsmith_home() -> Path:
 def goldsmith_cache() -> Path:
     """Re-creatable downloads (base images, scripts). `$GOLDSMITH_CACHE`, default ~/.cache/goldsmith."""
     return _dir("GOLDSMITH_CACHE", "~/.cache/goldsmith")
+
+
+def templates_folder() -> Path:
+    """The image templates, one DAG each: `$GOLDSMITH_TEMPLATES`, then `[goldsmith] templates_folder` in
+    airflow.cfg (or `AIRFLOW__GOLDSMITH__TEMPLATES_FOLDER`), then `include/templates` beside the DAGs folder
+    (the layout of this checkout and of Astro projects)."""
+    if os.environ.get("GOLDSMITH_TEMPLATES"):
+        return _dir("GOLDSMITH_TEMPLATES", "")
+    from airflow.configuration import conf  # here, not at the top: backends import this module, not Airflow
+
+    configured = conf.get("goldsmith", "templates_folder", fallback="")
+    if configured:
+        return Path(configured).expanduser()
+    return Path(conf.get("core", "dags_folder")).expanduser().parent / "include" / "templates"
