@@ -2,8 +2,8 @@
 
 A build's resources live in its staging resource group (`IT_<rg>_<template>_<guid>`, or the template's
 `stagingResourceGroup`), under fixed names, so each step — in any process, on any try — finds what earlier
-steps and tries made. Long operations are started, then handed to the caller as `Pending` (a trigger to wait
-on); the step is called again when they end and continues from what exists. A few things ARM can't hold live
+steps and tries made. Long operations are started, then handed to the caller as `Pending` (a plain-JSON wait
+the operator waits on); the step is called again when they end and continues from what exists. A few things ARM can't hold live
 in a local staging directory `$GOLDSMITH_HOME/staging/<group>/`: the Linux build VM's ephemeral SSH key (a
 worker without it installs a new one through Run Command).
 """
@@ -21,18 +21,14 @@ from functools import cached_property
 from typing import Any, Iterator
 
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError, ServiceRequestError, ServiceResponseError
-from azure.storage.blob import BlobClient, BlobServiceClient
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from azure.storage.blob import BlobClient, BlobServiceClient, ContentSettings
 
-from goldsmith import customizers, runoutputs
+from goldsmith import buildsbom, customizers, runoutputs, sbom, versions
 from goldsmith.azure import arm, windows
 from goldsmith.azure.arm import ResourceId, Wait
 from goldsmith.azure.hooks import AzureBuildHook, AzureSettingsError
-from goldsmith.azure.triggers import ArmWaitTrigger
-from goldsmith.build import Build, BuildError, Pending, destination_resource_group
-from goldsmith.communicator import CommunicatorError, SSHCommunicator
-from goldsmith.local.gallery import GalleryError, _check_version, _from_source, _next_latest
+from goldsmith.core import Build, BuildError, Pending, destination_resource_group
+from goldsmith.communicator import CommunicatorError, SSHCommunicator, create_build_key
 from goldsmith.settings import goldsmith_home
 from goldsmith.template.plan import Step
 
@@ -61,6 +57,9 @@ TAG_CREATED_BY, TAG_DAG, TAG_RUN, TAG_TEMPLATE, TAG_EXPIRY, TAG_KEEP, TAG_DEPROV
     "createdBy", "goldsmith.dagId", "goldsmith.runId", "goldsmith.template", "goldsmith.expiry", "goldsmith.keep",
     "goldsmith.deprovisioned")
 
+
+# NSG source prefixes that mean "anyone": refused for the build VM's SSH rule.
+OPEN_TO_ALL = frozenset({"*", "0.0.0.0/0", "::/0", "internet", "any", "0.0.0.0"})
 
 class AzureBackend:
     def __init__(self, build: Build):
@@ -131,10 +130,8 @@ class AzureBackend:
 
     def _pending(self, what: str, waits: list[Wait]) -> Pending:
         self.log.info("waiting for %s", what)
-        return Pending(
-            trigger=ArmWaitTrigger(self.hook.conn_id, [w.to_json() for w in waits], self.hook.settings.poll_interval),
-            ids={"waiting_for": what, "waits": [w.to_json() for w in waits]},
-        )
+        return Pending(what, {"trigger": "arm", "conn_id": self.hook.conn_id, "waits": [w.to_json() for w in waits],
+                              "poll_interval": self.hook.settings.poll_interval})
 
     def _wait_for(self, what: str, waits: list[Wait | None]) -> None:
         """Raise Pending for the waits that are not over yet (None: that one is)."""
@@ -208,7 +205,7 @@ class AzureBackend:
             if not listed:
                 raise BuildError(f"source: no versions of {urn} in {self.location}; check publisher, offer and sku "
                                  f"(az vm image list --location {self.location} --publisher {s.publisher} --all)")
-            version = max(listed, key=_version_key)
+            version = versions.highest(listed)
         try:
             image = images.get(self.location, s.publisher, s.offer, s.sku, version).as_dict()["properties"]
         except ResourceNotFoundError:
@@ -249,15 +246,15 @@ class AzureBackend:
         if definition is None:
             raise BuildError(f"source.imageVersionId: image definition '{definition_id}' does not exist")
         if rid.name.lower() == "latest":
-            versions = [v.as_dict() for v in clients.compute.gallery_image_versions.list_by_gallery_image(
+            listed = [v.as_dict() for v in clients.compute.gallery_image_versions.list_by_gallery_image(
                 rid.resource_group, *rid.names[:2])]
-            usable = [v for v in versions if arm.provisioning_state(v) == "Succeeded"
+            usable = [v for v in listed if arm.provisioning_state(v) == "Succeeded"
                       and not v["properties"].get("publishingProfile", {}).get("excludeFromLatest")
                       and self._replicated_here(v)]
             if not usable:
                 raise BuildError(f"source.imageVersionId: '{definition_id}' has no version usable as latest in "
                                  f"{self.location} (succeeded, not excludeFromLatest, replicated there)")
-            version = max(usable, key=lambda v: _version_key(v["name"]))
+            version = max(usable, key=lambda v: versions.key(v["name"]))
         else:
             version = arm.get(clients, rid)
             if version is None:
@@ -408,6 +405,11 @@ class AzureBackend:
 
     def _ssh_source(self) -> str:
         configured = self.hook.settings.ssh_source
+        if configured.strip().lower() in OPEN_TO_ALL:
+            raise BuildError(
+                f"provision: extra 'goldsmith_ssh_source' of connection '{self.hook.conn_id}' is '{configured}', "
+                "which opens the build VM's SSH to the whole Internet: set the CIDR the worker's SSH comes from "
+                "(e.g. 203.0.113.7/32), or 'auto'")
         if configured != "auto":
             return configured
         try:
@@ -502,16 +504,8 @@ class AzureBackend:
     def _ensure_key(self) -> str:
         """The public half of an ed25519 key made for this build only."""
         key = self.local / "id_ed25519"
-        if not key.exists():
-            self.local.mkdir(parents=True, exist_ok=True)
-            private = Ed25519PrivateKey.generate()
-            tmp = key.with_suffix(".tmp")
-            tmp.write_bytes(private.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-            tmp.chmod(0o600)
-            key.with_suffix(".pub").write_bytes(private.public_key().public_bytes(
-                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b" goldsmith-build\n")
-            tmp.rename(key)
+        self.local.mkdir(parents=True, exist_ok=True)
+        create_build_key(key)
         return key.with_suffix(".pub").read_text().strip()
 
     def _connect(self, address: str | None = None) -> SSHCommunicator:
@@ -575,7 +569,8 @@ class AzureBackend:
         try:
             with self._connect() as comm:
                 boot_id = self._boot_id(comm) if c.type == "Shell" else None  # to tell a reboot happened
-                if customizers.run_linux_customizer(comm, c, name=step.name, on_line=self._on_line):
+                if customizers.run_linux_customizer(comm, c, name=step.name, on_line=self._on_line,
+                                                 secrets=self.build.secrets):
                     self._wait_out_reboot(boot_id)
         except customizers.CustomizerError as e:
             raise BuildError(f"{step.task_id}: {e}") from None
@@ -588,7 +583,8 @@ class AzureBackend:
                 return self._windows_step(step, validator=True)
         try:
             with self._connect() as comm:
-                customizers.run_linux_validator(comm, v, name=step.name, on_line=self._on_line)
+                customizers.run_linux_validator(comm, v, name=step.name, on_line=self._on_line,
+                                                secrets=self.build.secrets)
         except customizers.CustomizerError as e:
             raise BuildError(f"{step.task_id}: validation failed: {e}") from None
         return {"step": step.task_id, "passed": True}
@@ -650,6 +646,7 @@ class AzureBackend:
                 return {"generalized": True}
             deprovisioned = (self._vm.get("tags") or {}).get(TAG_DEPROVISIONED) == "true"
             if power == "running" and not deprovisioned:
+                buildsbom.record(self.build, self._inventory)  # what the image holds, before generalizing
                 if self._windows:
                     result = self._run_command("generalize/sysprep", windows.SYSPREP)
                     if result["exitCode"] != 0:
@@ -668,6 +665,18 @@ class AzureBackend:
             self.arm.compute.virtual_machines.generalize(self.rg, VM)
         self.log.info("VM deprovisioned, deallocated and generalized")
         return {"generalized": True}
+
+    def _inventory(self) -> sbom.Inventory:
+        """The build VM's installed software: dpkg over SSH on Linux, programs and updates via Run Command on
+        Windows."""
+        if self._windows:
+            result = self._run_command("generalize/sbom", sbom.WINDOWS_SCRIPT)
+            if result["exitCode"] != 0:
+                self._delete_run_commands("generalize")
+                raise BuildError(f"generalize: listing the installed software failed:\n{windows.tail(result)}")
+            return sbom.parse_windows(result["output"])
+        with self._connect() as comm:
+            return sbom.collect_linux(buildsbom.ssh_runner(comm))
 
     def _vm_states(self) -> tuple[str, bool]:
         view = self.arm.compute.virtual_machines.instance_view(self.rg, VM).as_dict()
@@ -717,18 +726,23 @@ class AzureBackend:
     def record_output(self, step: Step, source: dict[str, Any], artifact_id: str | None,
                       artifact_uri: str | None) -> dict[str, Any]:
         d = step.item
+        bom = buildsbom.ref(self.build)  # the document is kept in the run's record, its digest on the artifact
+        sbom_extra = {"sbom": bom} if bom else {}
         runoutputs.record(self.plan.name, self.build.run_id, d.runOutputName, artifactId=artifact_id,
                           artifactUri=artifact_uri, provisioningState="Succeeded",
                           extra={"digest": self.plan.digest,
-                                 "source": {k: source.get(k) for k in ("type", "id", "exactVersion")}})
+                                 "source": {k: source.get(k) for k in ("type", "id", "exactVersion")}, **sbom_extra})
         self.log.info("%s: %s", step.task_id, artifact_id or artifact_uri)
-        return {"runOutputName": d.runOutputName, "artifactId": artifact_id, "artifactUri": artifact_uri}
+        return {"runOutputName": d.runOutputName, "artifactId": artifact_id, "artifactUri": artifact_uri, **sbom_extra}
 
     def _artifact_tags(self, d: Any, source: dict[str, Any]) -> dict[str, str]:
         """artifactTags plus provenance, so the artifact says where it came from."""
+        bom = buildsbom.ref(self.build) or {}
         return {**d.artifactTags, TAG_TEMPLATE: self.plan.name, "goldsmith.templateDigest": self.plan.digest,
                 TAG_DAG: self.build.dag_id, TAG_RUN: self.build.run_id, "goldsmith.source": source.get("id") or "",
-                "goldsmith.sourceVersion": source.get("exactVersion") or ""}
+                "goldsmith.sourceVersion": source.get("exactVersion") or "",
+                **({"goldsmith.sbom.sha256": bom["sha256"], "goldsmith.sbom.packages": str(bom["packages"])}
+                   if bom else {})}
 
     def publish_managed_image(self, d: Any, source: dict[str, Any], properties: dict[str, Any]) -> str:
         """The ManagedImage target `d`, made with `properties` (its source); returns its id once it exists."""
@@ -771,9 +785,9 @@ class AzureBackend:
             raise BuildError(f"{field}: image definition '{definition}' does not exist; create it first "
                              "(az sig image-definition create ...)")
         self._check_definition(field, found["properties"], source)
-        versions = [v.as_dict() for v in clients.compute.gallery_image_versions.list_by_gallery_image(
+        listed = [v.as_dict() for v in clients.compute.gallery_image_versions.list_by_gallery_image(
             rid.resource_group, *rid.names[:2])]
-        mine = next((v for v in versions if self._ours(v.get("tags"))), None)
+        mine = next((v for v in listed if self._ours(v.get("tags"))), None)
         if mine is not None:
             state = arm.provisioning_state(mine)
             if state == "Succeeded":
@@ -784,7 +798,7 @@ class AzureBackend:
             self.log.warning("image version %s is Failed after an earlier try: publishing it again", mine["name"])
             number = mine["name"]
         else:
-            number = self._version_number(d, rid, [v["name"] for v in versions], source)
+            number = self._version_number(d, rid, [v["name"] for v in listed], source)
         regions = [{"name": r.name, "regionalReplicaCount": r.replicaCount, "storageAccountType": r.storageAccountType}
                    for r in d.targetRegions or []] or [
             {"name": r, "regionalReplicaCount": 1, "storageAccountType": d.storageAccountType or "Standard_LRS"}
@@ -813,25 +827,12 @@ class AzureBackend:
                              f"{source.get('hyperVGeneration')}; use a definition of the source's generation")
 
     def _version_number(self, d: Any, rid: ResourceId, taken: list[str], source: dict[str, Any]) -> str:
-        """AIB's numbering: the run's explicit version, a `.../versions/x.y.z` id, the versioning scheme."""
-        explicit = self.build.params.get("galleryImageVersion")
         try:
-            if explicit:
-                number, origin = _check_version(explicit, "galleryImageVersion"), "explicit version"
-            elif len(rid.names) == 3:
-                number, origin = _check_version(rid.name, "the version in galleryImageId"), "galleryImageId"
-            elif d.versioning is not None and d.versioning.scheme == "Source":
-                number, origin = _from_source(source.get("exactVersion")), "versioning Source"
-            else:
-                major = d.versioning.major if d.versioning is not None else -1
-                valid = [v for v in taken if re.fullmatch(r"\d+\.\d+\.\d+", v)]
-                return _next_latest(valid, major)
-        except GalleryError as e:
+            return versions.choose(explicit=self.build.params.get("galleryImageVersion"),
+                                   in_id=rid.name if len(rid.names) == 3 else None, versioning=d.versioning,
+                                   source_version=source.get("exactVersion"), taken=taken)[0]
+        except versions.VersionError as e:
             raise BuildError(f"distribute.{d.runOutputName}: {e}") from None
-        if number in taken:
-            raise BuildError(f"distribute.{d.runOutputName}: image version {number} already exists ({origin}); AIB "
-                             "never overwrites a version: publish a new number or delete that version first")
-        return number
 
     def _distribute_vhd(self, d: Any) -> str:
         blob, account_id = self._vhd_target(d)
@@ -851,9 +852,25 @@ class AzureBackend:
             self.log.info("copying the OS disk to %s (server side)", url)
         elif copy_status == "success":
             self.arm.compute.disks.begin_revoke_access(self.rg, OS_DISK).result()
+            self._store_sbom_beside(blob)
             return url
         raise self._pending(f"VHD copy to {url}", [Wait("blob_copy", blob.url, f"VHD {d.runOutputName}",
                                                          state=account_id)])
+
+    def _store_sbom_beside(self, vhd: BlobClient) -> None:
+        """The build's SBOM as a blob beside the VHD (`<name>.vhd.sbom.cdx.json`): the document travels with it."""
+        path = buildsbom.path(self.build)
+        if not path.exists():
+            return
+        base, _, query = vhd.url.partition("?")
+        blob = BlobClient.from_blob_url(f"{base}.{sbom.FILE_NAME}" + (f"?{query}" if query else ""),
+                                        credential=None if query else vhd.credential, **self.hook.blob_options())
+        try:
+            blob.upload_blob(path.read_bytes(), overwrite=True,
+                             content_settings=ContentSettings(content_type="application/vnd.cyclonedx+json"))
+        except HttpResponseError as e:  # e.g. a SAS scoped to the VHD blob alone
+            self.log.warning("the SBOM could not be stored beside %s (%s); it is kept in the run's record %s",
+                             base, e.reason, path)
 
     @property
     def blob_run_mark(self) -> str:
@@ -968,7 +985,3 @@ class AzureBackend:
 
 def _run_command_name(key: str) -> str:
     return "goldsmith-" + re.sub(r"[^A-Za-z0-9_-]+", "-", key).strip("-")[:70]
-
-
-def _version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(p) if p.isdigit() else -1 for p in version.split("."))

@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from goldsmith.versions import key as version_order
 
 # Package data, found through the installed package (a wheel has no checkout around it).
 DEFAULT_CATALOG = Path(str(resources.files(__package__) / "platform-catalog.json"))
@@ -126,7 +129,7 @@ def _pick_version(image: dict[str, Any], sku: str, version: str, path: Path) -> 
         recipe = image["recipe"]
         versions = [recipe.version]
     else:
-        versions = sorted(image["versions"], key=_version_key)
+        versions = sorted(image["versions"], key=version_order)
     if version.lower() == "latest":
         exact = versions[-1]
     elif version in versions:
@@ -141,10 +144,6 @@ def _pick_version(image: dict[str, Any], sku: str, version: str, path: Path) -> 
         return CatalogEntry(kind="recipe", recipe=image["recipe"], **common)
     source = image["versions"][exact]
     return CatalogEntry(kind="url", url=source["url"], sha256=source["sha256"].lower(), **common)
-
-
-def _version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version.split("."))
 
 
 def load_catalog(path: Path = DEFAULT_CATALOG) -> list[dict[str, Any]]:
@@ -179,10 +178,8 @@ def _check_image(image: Any, where: str) -> dict[str, Any]:
         raise CatalogError(f"{where}.versions: expected an object mapping version -> {{url, sha256}}")
     for version, source in versions.items():
         here = f"{where}.versions[{version!r}]"
-        try:
-            _version_key(version)
-        except ValueError:
-            raise CatalogError(f"{here}: a version is dotted integers, like 22.04.202505160") from None
+        if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", version):
+            raise CatalogError(f"{here}: a version is dotted integers, like 22.04.202505160")
         if not isinstance(source, dict) or not isinstance(source.get("url"), str):
             raise CatalogError(f"{here}.url: required, a string")
         sha = source.get("sha256")
