@@ -270,3 +270,47 @@ def test_secrets_reach_the_script_through_a_file_that_is_gone_before_it_runs(com
         run_shell(comm, inline=["exit 4"], on_line=lines.append, name="sec", secrets={"TOKEN": value})
     assert comm.run("ls /tmp | grep -c '^goldsmith-sec-.*\\.env$' || true").tail == ["0"]
     comm.run("rm -f /tmp/goldsmith-sec-*.sh")
+
+
+def test_file_sources_and_vhd_targets_stay_inside_the_allowed_folders(tmp_path, monkeypatch):
+    from goldsmith import confine
+    from goldsmith.customizers import FetchError, fetch
+
+    templates = tmp_path / "include" / "templates"
+    templates.mkdir(parents=True)
+    (tmp_path / "include" / "scripts").mkdir()
+    script = tmp_path / "include" / "scripts" / "s.sh"
+    script.write_text("echo hi\n")
+    monkeypatch.setenv("GOLDSMITH_TEMPLATES", str(templates))
+    monkeypatch.setenv("GOLDSMITH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("GOLDSMITH_ALLOWED_PATHS", "")
+    assert fetch(script.as_uri()) == b"echo hi\n"  # beside the templates folder
+    (tmp_path / "include" / "scripts" / "shadow").symlink_to("/etc/shadow")
+    for uri in ("file:///etc/shadow", "file:///proc/self/environ", (tmp_path / "include/scripts/shadow").as_uri()):
+        with pytest.raises(FetchError, match="cannot read source .* is outside the folders templates may use"):
+            fetch(uri)
+    key = tmp_path / "home" / "staging" / "IT_x" / "id_ed25519"
+    key.parent.mkdir(parents=True)
+    key.write_text("private")
+    with pytest.raises(FetchError, match="outside the folders"):  # another build's key, though under the home
+        fetch(key.as_uri())
+    os.mkfifo(tmp_path / "include" / "scripts" / "fifo")
+    with pytest.raises(FetchError, match="is not a regular file"):
+        fetch((tmp_path / "include" / "scripts" / "fifo").as_uri())
+    monkeypatch.setenv("GOLDSMITH_MAX_SOURCE_BYTES", "4")
+    with pytest.raises(FetchError, match="over the limit of 4"):
+        fetch(script.as_uri())
+    with pytest.raises(confine.ConfinementError, match="distribute.vhd.uri /etc/x.vhd is outside"):
+        confine.check("/etc/x.vhd", "distribute.vhd.uri")
+    monkeypatch.setenv("GOLDSMITH_ALLOWED_PATHS", "/srv/images")
+    assert confine.check("/srv/images/a.vhd", "uri") == Path("/srv/images/a.vhd")
+
+
+def test_validate_backend_checks_a_windows_aib_file_unchanged(tmp_path, capsys):
+    b = body()
+    b["properties"]["customize"] = [{"type": "PowerShell", "inline": ["Write-Host hi"]}, {"type": "WindowsRestart"}]
+    (tmp_path / "win.json").write_text(json.dumps(b))
+    assert main(["validate", str(tmp_path / "win.json")]) == 1
+    assert "needs a Windows build VM" in capsys.readouterr().out
+    assert main(["validate", "--backend", "azure", str(tmp_path / "win.json")]) == 0
+    assert capsys.readouterr().out == f"{tmp_path}/win.json: valid\n"

@@ -7,6 +7,7 @@ Problems print one a line as `FILE:JSON.PATH: message`; bad input never prints a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any, Sequence
@@ -37,6 +38,8 @@ def _values(args: argparse.Namespace) -> dict[str, Any]:
 
 def _load(path: str, args: argparse.Namespace):
     loaded = load_template(path, values=_values(args), allow_placeholders=args.allow_placeholders)
+    if getattr(args, "backend", None):  # check an AIB file unchanged against the backend that would build it
+        loaded = dataclasses.replace(loaded, options=loaded.options.model_copy(update={"backend": args.backend}))
     problems = backend_problems(loaded)
     if problems:
         raise TemplateError(path, problems)
@@ -223,6 +226,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="check templates; exit 1 if any is invalid")
     _template_options(v)
+    v.add_argument("--backend", choices=("local", "azure"),
+                   help="check as if the template's goldsmith.backend said this (e.g. a Windows AIB file: azure)")
     v.add_argument("templates", nargs="+", metavar="TEMPLATE")
     v.set_defaults(func=cmd_validate)
     r = sub.add_parser("render", help="print the resolved, normalized template as JSON")

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from http.client import HTTPException
 from secrets import token_hex
 
+from goldsmith import confine
 from goldsmith.communicator import SSHCommunicator
 
 log = logging.getLogger(__name__)
@@ -116,10 +117,9 @@ def _read_file_uri(uri: str, parsed: urllib.parse.SplitResult) -> bytes:
         raise FetchError(f"{uri}: file:// URIs must name a local path (file:///path), not host {parsed.netloc!r}")
     path = urllib.request.url2pathname(parsed.path)
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise FetchError(f"{uri}: cannot read {path}: {e.strerror}") from e
+        return confine.read(path, "source")
+    except confine.ConfinementError as e:
+        raise FetchError(f"{uri}: cannot read {e}") from None
 
 
 def _download(uri: str, attempts: int, backoff: float, timeout: float) -> bytes:

@@ -21,7 +21,7 @@ from goldsmith import lineage
 from goldsmith.azure.janitor import JANITOR_DAG_ID, janitor_dag
 from goldsmith.operators import steps as ops
 from goldsmith.secrets import strip_secrets
-from goldsmith.settings import goldsmith_home, templates_folder
+from goldsmith.settings import PROJECT_ROOT, goldsmith_home, templates_dir  # noqa: F401 (re-exported)
 from goldsmith.template.loader import LoadedTemplate, TemplateError, load_template
 from goldsmith.triggers import SourceVersionTrigger
 from goldsmith.template.plan import backend_problems, customize_steps, distribute_steps, validate_steps
@@ -29,11 +29,10 @@ from goldsmith.template.plan import backend_problems, customize_steps, distribut
 BUILD_VM_POOL = "goldsmith_build_vms"
 START_DATE = datetime(2024, 1, 1)
 _DAG_ID = re.compile(r"^[A-Za-z0-9_.-]{1,250}$")
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def build_dags(folder: Path | None = None) -> dict[str, DAG]:
-    folder = folder or templates_folder()
+    folder = folder or templates_dir()
     wanted = get_parsing_context().dag_id
     assets: dict[str, Asset] = {}
     dags = {}

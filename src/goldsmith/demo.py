@@ -18,11 +18,10 @@ from pathlib import Path
 
 from goldsmith.airflow_env import AIRFLOW, airflow_environ, prepare
 from goldsmith.dag_factory import PROJECT_ROOT
-from goldsmith.settings import goldsmith_home
+from goldsmith.settings import goldsmith_home, templates_dir
 
 DEMO_BUILDS = ("debian12-base", "debian12-golden")
 GOLDSMITH = str(Path(sys.executable).with_name("goldsmith"))
-TEMPLATES = Path(os.environ.get("GOLDSMITH_TEMPLATES") or PROJECT_ROOT / "include" / "templates")
 
 
 def say(text: str) -> None:
@@ -32,10 +31,11 @@ def say(text: str) -> None:
 def main() -> int:
     home = goldsmith_home()
     airflow_home = Path(os.environ.get("AIRFLOW_HOME") or home / "airflow")
-    env = airflow_environ(airflow_home, TEMPLATES, home)
-    templates = sorted(str(p) for p in TEMPLATES.glob("*.json"))
+    templates_folder = templates_dir()
+    env = airflow_environ(airflow_home, templates_folder, home)
+    templates = sorted(str(p) for p in templates_folder.glob("*.json"))
 
-    say(f"validating {len(templates)} templates in {TEMPLATES}")
+    say(f"validating {len(templates)} templates in {templates_folder}")
     if subprocess.run([GOLDSMITH, "validate", *templates], env=env).returncode != 0:
         return 1
 

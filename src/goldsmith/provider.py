@@ -28,7 +28,7 @@ def get_provider_info() -> dict[str, Any]:
                 "options": {
                     "templates_folder": {
                         "description": "Folder of image template files (*.json). $GOLDSMITH_TEMPLATES overrides "
-                                       "it; when neither is set, include/templates beside the DAGs folder.",
+                                       "it; when neither is set, include/templates of a source checkout.",
                         "version_added": "0.1.0",
                         "type": "string",
                         "example": "/opt/airflow/templates",

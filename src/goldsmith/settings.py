@@ -21,15 +21,16 @@ def goldsmith_cache() -> Path:
     return _dir("GOLDSMITH_CACHE", "~/.cache/goldsmith")
 
 
-def templates_folder() -> Path:
+# The checkout (or installed package) root: dags/, plugins/ and include/ sit here.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def templates_dir() -> Path:
     """The image templates, one DAG each: `$GOLDSMITH_TEMPLATES`, then `[goldsmith] templates_folder` in
-    airflow.cfg (or `AIRFLOW__GOLDSMITH__TEMPLATES_FOLDER`), then `include/templates` beside the DAGs folder
-    (the layout of this checkout and of Astro projects)."""
+    airflow.cfg (or `AIRFLOW__GOLDSMITH__TEMPLATES_FOLDER`), then include/templates of this checkout (an
+    installed package has none: configure it)."""
     if os.environ.get("GOLDSMITH_TEMPLATES"):
         return _dir("GOLDSMITH_TEMPLATES", "")
     from airflow.configuration import conf  # here, not at the top: backends import this module, not Airflow
 
-    configured = conf.get("goldsmith", "templates_folder", fallback="")
-    if configured:
-        return Path(configured).expanduser()
-    return Path(conf.get("core", "dags_folder")).expanduser().parent / "include" / "templates"
+    return Path(conf.get("goldsmith", "templates_folder", fallback="") or PROJECT_ROOT / "include" / "templates")

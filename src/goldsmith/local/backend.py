@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 
-from goldsmith import buildsbom, customizers, runoutputs, sbom, updates
+from goldsmith import buildsbom, confine, customizers, runoutputs, sbom, updates
 from goldsmith.core import Build, BuildError
 from goldsmith.communicator import CommunicatorError, SSHCommunicator, create_build_key
 from goldsmith.local import baseimage, catalog, disk, qemu, vmsizes
@@ -287,6 +287,11 @@ class LocalBackend:
         if d.uri and not d.uri.startswith("file://"):
             raise BuildError(f"distribute.{d.runOutputName}: the local backend writes VHDs to file:// locations; "
                              f"'{d.uri}' needs the azure backend")
+        if d.uri:
+            try:
+                confine.check(d.uri.removeprefix("file://"), f"distribute.{d.runOutputName}.uri")
+            except confine.ConfinementError as e:
+                raise BuildError(str(e)) from None
         target = Path(d.uri.removeprefix("file://")) if d.uri else (
             goldsmith_home() / "vhds" / self.build.plan.name / f"{self.build.guid}-{d.runOutputName}.vhd")
         if not target.parent.is_dir():
