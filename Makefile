@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the builds and the tests need (qemu, base-image bootstrap, ssh for the communicator).
 APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap genisoimage openssh-client openssh-server sudo \
-	e2fsprogs fdisk gdisk grub-pc-bin grub2-common mount util-linux uidmap postgresql python3-venv
+	e2fsprogs fdisk gdisk grub-pc-bin grub2-common mount util-linux uidmap postgresql python3-venv docker.io docker-compose
 # npm for Azurite, only when no npm is on PATH (a nodejs from elsewhere is fine).
 APT_PACKAGES += $(if $(shell command -v npm),,npm)
 STAMP := $(VENV)/.installed
@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 # Python, PEP 668).
 UV := $(or $(shell command -v uv),.uv/bin/uv)
 
-.PHONY: setup apt demo test test-fast bench clean
+.PHONY: setup apt demo test test-fast bench clean up down
 setup: apt $(STAMP)
 
 # Installs only what is missing, so a second run costs a dpkg query.
@@ -59,6 +59,20 @@ bench: setup $(DAG_FACTORY)
 	$(PY) -m bench
 $(DAG_FACTORY):
 	$(UV) pip install -q --python $(PY) --target $(VENV)/dag-factory --no-deps --compile-bytecode dag-factory==1.1.0
+
+# The compose deployment (docker-compose.yaml; README "Deploy"). STAND_INS=1 builds local stand-ins of the
+# upstream images where no container registry is reachable; PROFILES=flower adds Flower.
+up: setup .env
+	deploy/compose.sh dockerd >/dev/null
+	deploy/compose.sh images
+	deploy/compose.sh seed
+	deploy/compose.sh up
+	@echo "UI and REST API: http://localhost:$$(grep -oP '^AIRFLOW_API_PORT=\K.*' .env || echo 8080) (login in .env)"
+down:
+	deploy/compose.sh down
+.env:
+	sed -e "s|^AIRFLOW_FERNET_KEY=.*|AIRFLOW_FERNET_KEY=$$($(PY) -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())')|" \
+	    -e "s|^AIRFLOW_JWT_SECRET=.*|AIRFLOW_JWT_SECRET=$$(openssl rand -hex 32)|" .env.example > $@
 
 clean:
 	rm -rf $(VENV) .uv build dist src/*.egg-info

@@ -1,7 +1,10 @@
 """A real OpenSSH sshd on 127.0.0.1 for the communicator and customizer tests.
 
-It runs as the current user (root in CI), with its own host key, client key and config in a temp
-dir, and is stopped with every session process it forked, so nothing outlives the tests.
+Sessions log in as a non-root user with passwordless sudo, as on a build VM: the current user, or when the
+tests run as root (CI), the dedicated user `goldsmith-test` (created on first use), so a step that forgets
+sudo fails here as it would there. Files the sessions and the test both touch go in `shared_tmp`. sshd has
+its own host key, client key and config in a temp dir, and is stopped with every session process it forked,
+so nothing outlives the tests.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import pytest
 from goldsmith.communicator import SSHCommunicator
 
 SSHD = "/usr/sbin/sshd"  # sshd refuses to re-exec itself unless started by absolute path
+TEST_USER = "goldsmith-test"  # the sessions' user when the tests run as root
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,22 @@ class SSHServer:
 
     def communicator(self, **kwargs) -> SSHCommunicator:
         return SSHCommunicator(self.host, self.port, self.user, self.key_path, **kwargs)
+
+
+def session_user() -> str:
+    """The user SSH sessions run as: never root (see the module docstring)."""
+    if os.geteuid() != 0:
+        return pwd.getpwuid(os.getuid()).pw_name
+    try:
+        pwd.getpwnam(TEST_USER)
+    except KeyError:
+        # Password '*': no password login, but not a locked account (sshd without PAM refuses locked ones).
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "--password", "*", TEST_USER], check=True)
+    sudoers = Path(f"/etc/sudoers.d/{TEST_USER}")
+    if not sudoers.exists():
+        sudoers.write_text(f"{TEST_USER} ALL=(ALL) NOPASSWD:ALL\n")
+        sudoers.chmod(0o440)
+    return TEST_USER
 
 
 def free_port() -> int:
@@ -54,8 +74,10 @@ def running_sshd(env: Mapping[str, str] | None = None, port: int | None = None,
         pytest.skip(f"{SSHD} or ssh-keygen missing: run `make setup` (apt openssh-server, openssh-client)")
     if os.geteuid() == 0:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation dir
+    user = session_user()
     with tempfile.TemporaryDirectory(prefix="goldsmith-sshd-") as tmp:
         d = Path(tmp)
+        d.chmod(0o755)  # sshd reads authorized_keys as the session user
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", d / "host_key"], check=True)
         if client_key is None:
             client_key = d / "client_key"
@@ -65,6 +87,7 @@ def running_sshd(env: Mapping[str, str] | None = None, port: int | None = None,
         # A fresh HOME: the host user's dotfiles (e.g. pyenv init in .bashrc, which bash reads
         # under sshd) would slow every command down, and a build VM has none of them.
         (d / "home").mkdir()
+        shutil.chown(d / "home", user, pwd.getpwnam(user).pw_gid)
         env = {"HOME": str(d / "home"), **(env or {})}
         (d / "sshd_config").write_text("\n".join([
             f"ListenAddress 127.0.0.1:{port}",
@@ -75,7 +98,7 @@ def running_sshd(env: Mapping[str, str] | None = None, port: int | None = None,
             "UsePAM no",
             "PasswordAuthentication no",
             "KbdInteractiveAuthentication no",
-            "PermitRootLogin prohibit-password",
+            "PermitRootLogin no",
             "Subsystem sftp internal-sftp",
             "SetEnv " + " ".join(f"{name}={value}" for name, value in env.items()),
         ]) + "\n")
@@ -83,8 +106,7 @@ def running_sshd(env: Mapping[str, str] | None = None, port: int | None = None,
         proc = subprocess.Popen([SSHD, "-D", "-e", "-f", d / "sshd_config"], stdout=log, stderr=log)
         try:
             _wait_listening(port, proc, d / "sshd.log")
-            yield SSHServer("127.0.0.1", port, pwd.getpwuid(os.getuid()).pw_name,
-                            Path(client_key), proc.pid, d)
+            yield SSHServer("127.0.0.1", port, user, Path(client_key), proc.pid, d)
         finally:
             _stop(proc)
             log.close()
@@ -152,6 +174,18 @@ def is_running(pid: int) -> bool:
 def sshd() -> Iterator[SSHServer]:
     with running_sshd() as server:
         yield server
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A temporary directory both the test and the SSH sessions' user may read and write (tmp_path is the
+    test user's own)."""
+    path = Path(tempfile.mkdtemp(prefix="goldsmith-shared-"))
+    path.chmod(0o777)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pwd
 import signal
 import socket
 import subprocess
@@ -14,7 +13,7 @@ import time
 import pytest
 
 from goldsmith.communicator import CommandTimeout, CommunicatorError, NotReady, SSHCommunicator
-from sshd_fixture import _descendants, free_port, is_running, running_sshd
+from sshd_fixture import _descendants, free_port, is_running, running_sshd, session_user
 
 
 def test_lines_are_delivered_as_they_arrive(comm):
@@ -54,22 +53,22 @@ def test_env_is_exported_but_its_values_are_not_logged(comm, caplog):
         comm.run("true", env={"not-a-name": "x"})
 
 
-def test_upload_and_download(comm, tmp_path):
-    target = tmp_path / "uploaded.bin"
+def test_upload_and_download(comm, shared_tmp):
+    target = shared_tmp / "uploaded.bin"
     comm.upload(b"\x00payload\n", str(target), mode=0o640)
     assert target.read_bytes() == b"\x00payload\n"
     assert target.stat().st_mode & 0o777 == 0o640
-    local = tmp_path / "local.txt"
+    local = shared_tmp / "local.txt"
     local.write_text("from a path")
-    comm.upload(local, str(tmp_path / "copy.txt"))
-    assert comm.download(str(tmp_path / "copy.txt")) == b"from a path"
+    comm.upload(local, str(shared_tmp / "copy.txt"))
+    assert comm.download(str(shared_tmp / "copy.txt")) == b"from a path"
 
 
-def test_file_errors_name_the_remote_path(comm, tmp_path):
+def test_file_errors_name_the_remote_path(comm, shared_tmp):
     with pytest.raises(FileNotFoundError, match="no-such-dir/x"):
-        comm.upload(b"x", str(tmp_path / "no-such-dir" / "x"))
+        comm.upload(b"x", str(shared_tmp / "no-such-dir" / "x"))
     with pytest.raises(FileNotFoundError, match="missing.txt"):
-        comm.download(str(tmp_path / "missing.txt"))
+        comm.download(str(shared_tmp / "missing.txt"))
 
 
 def test_dropped_connection_is_reported_and_reconnect_works(comm):
@@ -169,7 +168,7 @@ def test_wait_until_ready_retries_until_sshd_listens(tmp_path):
     thread = threading.Thread(target=boot_later)
     thread.start()
     try:
-        with SSHCommunicator("127.0.0.1", port, pwd.getpwuid(os.getuid()).pw_name, key) as comm:
+        with SSHCommunicator("127.0.0.1", port, session_user(), key) as comm:
             comm.wait_until_ready(timeout=15)
             assert up.is_set()
             assert comm.run("true").exit_code == 0
@@ -178,10 +177,10 @@ def test_wait_until_ready_retries_until_sshd_listens(tmp_path):
         thread.join()
 
 
-def test_waits_for_cloud_init_when_present(tmp_path, caplog):
-    bin_dir = tmp_path / "bin"
+def test_waits_for_cloud_init_when_present(shared_tmp, caplog):
+    bin_dir = shared_tmp / "bin"
     bin_dir.mkdir()
-    calls = tmp_path / "calls"
+    calls = shared_tmp / "calls"
     fake = bin_dir / "cloud-init"
     fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho "status: degraded done"\nexit 2\n')
     fake.chmod(0o755)

@@ -155,11 +155,11 @@ def test_env_reaches_the_script(comm):
     assert lines == ["t0k"]
 
 
-def test_script_uri_from_file_uses_its_own_shebang(comm, tmp_path):
+def test_script_uri_from_file_uses_its_own_shebang(comm, shared_tmp):
     script = b"#!/bin/bash\nwords=(a b c)\necho \"${#words[@]} words\"\n"
-    (tmp_path / "s.sh").write_bytes(script)
+    (shared_tmp / "s.sh").write_bytes(script)
     lines = []
-    run_shell(comm, script_uri=(tmp_path / "s.sh").as_uri(), sha256=sha(script), on_line=lines.append, name="bash")
+    run_shell(comm, script_uri=(shared_tmp / "s.sh").as_uri(), sha256=sha(script), on_line=lines.append, name="bash")
     assert lines == ["3 words"]
 
 
@@ -197,14 +197,14 @@ def test_a_script_that_drops_the_connection_counts_as_a_reboot(comm):
 # -- validators ---------------------------------------------------------------------------------
 
 
-def test_validator_shell_passes_and_fails(comm, tmp_path):
+def test_validator_shell_passes_and_fails(comm, shared_tmp):
     assert run_validator_shell(comm, inline=["test -d /tmp"], on_line=print, name="tmp").exit_code == 0
     with pytest.raises(ValidationFailed, match="validator 'missing' failed: exit code 1") as caught:
-        run_validator_shell(comm, inline=[f"test -e {tmp_path}/nope"], on_line=print, name="missing")
+        run_validator_shell(comm, inline=[f"test -e {shared_tmp}/nope"], on_line=print, name="missing")
     assert caught.value.exit_code == 1
     comm.run("rm -f /tmp/goldsmith-missing-*.sh")
     with pytest.raises(ValidationFailed, match="cannot read"):
-        run_validator_shell(comm, script_uri=(tmp_path / "nope.sh").as_uri(), on_line=print, name="fetch")
+        run_validator_shell(comm, script_uri=(shared_tmp / "nope.sh").as_uri(), on_line=print, name="fetch")
 
 
 def test_validator_that_drops_the_connection_fails(comm):
@@ -217,9 +217,9 @@ def test_validator_that_drops_the_connection_fails(comm):
 # -- File ---------------------------------------------------------------------------------------
 
 
-def test_file_is_uploaded_after_verification(comm, tmp_path, web):
+def test_file_is_uploaded_after_verification(comm, shared_tmp, web):
     web.files["/motd"] = b"welcome\n"
-    destination = tmp_path / "motd"
+    destination = shared_tmp / "motd"
     run_file(comm, source_uri=f"{web.url}/motd", destination=str(destination), sha256=sha(b"welcome\n"),
              name="motd")
     assert destination.read_bytes() == b"welcome\n"
@@ -227,19 +227,19 @@ def test_file_is_uploaded_after_verification(comm, tmp_path, web):
         run_file(comm, source_uri=f"{web.url}/motd", destination=str(destination), sha256="0" * 64, name="m")
 
 
-def test_file_parent_directory_must_exist(comm, tmp_path):
-    (tmp_path / "src").write_text("x")
-    missing = tmp_path / "no" / "such" / "dir"
+def test_file_parent_directory_must_exist(comm, shared_tmp):
+    (shared_tmp / "src").write_text("x")
+    missing = shared_tmp / "no" / "such" / "dir"
     with pytest.raises(CustomizerError, match=f"'cfg': destination directory {missing} does not exist.*mkdir -p"):
-        run_file(comm, source_uri=(tmp_path / "src").as_uri(), destination=f"{missing}/app.conf", name="cfg")
+        run_file(comm, source_uri=(shared_tmp / "src").as_uri(), destination=f"{missing}/app.conf", name="cfg")
     with pytest.raises(CustomizerError, match="must be an absolute path"):
-        run_file(comm, source_uri=(tmp_path / "src").as_uri(), destination="app.conf", name="rel")
+        run_file(comm, source_uri=(shared_tmp / "src").as_uri(), destination="app.conf", name="rel")
 
 
-def test_file_validator_failure(comm, tmp_path):
-    (tmp_path / "src").write_text("x")
+def test_file_validator_failure(comm, shared_tmp):
+    (shared_tmp / "src").write_text("x")
     with pytest.raises(ValidationFailed, match="validator 'v' failed: .*does not exist"):
-        run_validator_file(comm, source_uri=(tmp_path / "src").as_uri(), destination=f"{tmp_path}/no/x", name="v")
+        run_validator_file(comm, source_uri=(shared_tmp / "src").as_uri(), destination=f"{shared_tmp}/no/x", name="v")
 
 
 # -- deprovision --------------------------------------------------------------------------------
@@ -250,30 +250,30 @@ def harmless_builtin(marker: Path) -> str:
     return f'#!/bin/sh\necho "builtin for $1 as $(id -un)" > {marker}\nrm -f "$0"\n'
 
 
-def test_deprovision_override_script_is_honoured(comm, tmp_path):
-    override = tmp_path / "DeprovisioningScript.sh"
-    override.write_text(f"echo custom deprovision\ntouch {tmp_path}/override-ran\n")
+def test_deprovision_override_script_is_honoured(comm, shared_tmp):
+    override = shared_tmp / "DeprovisioningScript.sh"
+    override.write_text(f"echo custom deprovision\ntouch {shared_tmp}/override-ran\n")
     lines = []
     outcome = deprovision(comm, on_line=lines.append, override_path=str(override),
-                          script=harmless_builtin(tmp_path / "builtin-ran"))
+                          script=harmless_builtin(shared_tmp / "builtin-ran"))
     assert outcome.exit_code == 0 and lines == ["custom deprovision"]
-    assert (tmp_path / "override-ran").exists() and not (tmp_path / "builtin-ran").exists()
+    assert (shared_tmp / "override-ran").exists() and not (shared_tmp / "builtin-ran").exists()
 
 
-def test_deprovision_runs_the_builtin_with_sudo_without_an_override(comm, tmp_path):
+def test_deprovision_runs_the_builtin_with_sudo_without_an_override(comm, shared_tmp):
     if shutil.which("sudo") is None:
         pytest.skip("sudo missing: run `make setup`")
-    deprovision(comm, on_line=print, override_path=str(tmp_path / "absent.sh"),
-                script=harmless_builtin(tmp_path / "builtin-ran"))
-    assert (tmp_path / "builtin-ran").read_text() == f"builtin for {comm.user} as root\n"
+    deprovision(comm, on_line=print, override_path=str(shared_tmp / "absent.sh"),
+                script=harmless_builtin(shared_tmp / "builtin-ran"))
+    assert (shared_tmp / "builtin-ran").read_text() == f"builtin for {comm.user} as root\n"
     assert comm.run("ls /tmp/goldsmith-deprovision-*.sh").exit_code != 0
 
 
-def test_deprovision_failure(comm, tmp_path):
-    override = tmp_path / "DeprovisioningScript.sh"
+def test_deprovision_failure(comm, shared_tmp):
+    override = shared_tmp / "DeprovisioningScript.sh"
     override.write_text("echo cannot; exit 4\n")
     with pytest.raises(DeprovisionFailed, match="exit code 4") as caught:
-        deprovision(comm, on_line=print, override_path=str(override), script=harmless_builtin(tmp_path / "b"))
+        deprovision(comm, on_line=print, override_path=str(override), script=harmless_builtin(shared_tmp / "b"))
     assert caught.value.tail == ["cannot"]
 
 

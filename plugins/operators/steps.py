@@ -15,7 +15,7 @@ from airflow.configuration import conf
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
-from goldsmith import changes, lineage, runoutputs, secrets, updates
+from goldsmith import affinity, changes, lineage, runoutputs, secrets, updates
 from goldsmith.core import Build, BuildError, Pending, backend_for, trigger_for
 from goldsmith.links import ArtifactLink
 from goldsmith.template.loader import TemplateError, load_template
@@ -46,6 +46,10 @@ class GoldsmithStepOperator(BaseOperator):
 
     def execute(self, context: Context) -> Any:
         build = self.build(context)
+        if self.task_id != "prepare_staging":
+            staged = context["ti"].xcom_pull(task_ids="prepare_staging") or {}
+            if reason := affinity.wrong_host(staged.get("host")):
+                raise AirflowFailException(f"{self.task_id}: {reason}")
         while True:
             try:
                 # Goldsmith's own XCom never carries a credential that a URI in the template held.

@@ -17,7 +17,7 @@ from airflow.timetables.trigger import CronTriggerTimetable
 from airflow.sdk.exceptions import AirflowFailException
 from airflow.sdk.bases.operator import BaseOperator
 
-from goldsmith import lineage
+from goldsmith import affinity, lineage
 from goldsmith.azure.janitor import JANITOR_DAG_ID, janitor_dag
 from goldsmith.operators import steps as ops
 from goldsmith.secrets import strip_secrets
@@ -26,7 +26,7 @@ from goldsmith.template.loader import LoadedTemplate, TemplateError, load_templa
 from goldsmith.triggers import SourceVersionTrigger
 from goldsmith.template.plan import backend_problems, customize_steps, distribute_steps, validate_steps
 
-BUILD_VM_POOL = "goldsmith_build_vms"
+BUILD_VM_POOL = affinity.BUILD_VM_POOL
 START_DATE = datetime(2024, 1, 1)
 _DAG_ID = re.compile(r"^[A-Za-z0-9_.-]{1,250}$")
 
@@ -74,9 +74,12 @@ def make_dag(path: Path, assets: dict[str, Asset] | None = None) -> DAG:
         problems = backend_problems(loaded)
         if problems:
             raise TemplateError(path, problems)
-        return build_dag(loaded, {} if assets is None else assets)
+        place = affinity.placement(loaded.name, loaded.options.backend)
+        return build_dag(loaded, {} if assets is None else assets, place)
     except TemplateError as e:
         return invalid_template_dag(path, [_for_dag(line) for line in str(e).splitlines()])
+    except affinity.AffinityError as e:
+        return invalid_template_dag(path, [str(e)])
     except Exception as e:  # noqa: BLE001 — whatever one file does, the other templates' DAGs stay
         return invalid_template_dag(path, [f"{path}: Goldsmith could not make this DAG ({type(e).__name__}: "
                                            f"{strip_secrets(str(e))[:500]}); please report it with the template"])
@@ -113,13 +116,13 @@ def invalid_template_dag(path: Path, problems: list[str]) -> DAG:
     return dag
 
 
-def build_dag(loaded: LoadedTemplate, assets: dict[str, Asset]) -> DAG:
+def build_dag(loaded: LoadedTemplate, assets: dict[str, Asset], place: affinity.Placement) -> DAG:
     t, o = loaded.template, loaded.options
     timeout = timedelta(minutes=t.properties.buildTimeoutInMinutes or 240)
     validation = t.properties.validate_
     source_only = bool(validation and validation.sourceValidationOnly)
     common = {"template_file": str(loaded.path)}
-    vm_task = {**common, "pool": BUILD_VM_POOL}
+    vm_task = {**common, "pool": place.pool}
     with DAG(
         loaded.name,
         description=o.description or _describe(loaded),
@@ -136,6 +139,7 @@ def build_dag(loaded: LoadedTemplate, assets: dict[str, Asset]) -> DAG:
             "retry_exponential_backoff": 2.0,
             "max_retry_delay": timedelta(minutes=10),
             "execution_timeout": timeout,
+            "queue": place.queue,  # every task of a local build on the host that holds its VM (affinity.py)
         },
         params={
             "galleryImageVersion": Param(

@@ -450,7 +450,9 @@ def test_images_and_versions_from_a_vhd_blob(arm, arm_double, azurite):
             "location": LOCATION, "properties": {"osType": "Linux", "osState": "Generalized",
                                                  "identifier": {"publisher": "p", "offer": "o", "sku": "s"}}}).result()
         version = arm.compute.gallery_image_versions.begin_create_or_update("rg", "g", "def", "1.0.0", {
-            "location": LOCATION, "properties": {"storageProfile": {"osDiskImage": {"source": {"uri": page.url}}}}})
+            "location": LOCATION, "properties": {"storageProfile": {"osDiskImage": {"source": {
+                "uri": page.url, "storageAccountId": f"/subscriptions/{arm_double.subscription_id}/resourceGroups/rg"
+                                                     "/providers/Microsoft.Storage/storageAccounts/uploads"}}}}})
         disk = arm.compute.disks.begin_create_or_update("rg", "d", {"location": LOCATION, "properties": {
             "creationData": {"createOption": "Copy", "sourceResourceId": version.result().id}}}).result()
         sas = arm.compute.disks.begin_grant_access("rg", "d", {"access": "Read", "durationInSeconds": 60}).result()

@@ -172,8 +172,7 @@ def test_linux_build_customizes_over_ssh_and_distributes_everywhere(env, arm_dou
     beside = BlobServiceClient.from_connection_string(azurite.connection_string).get_container_client("vhds") \
         .get_blob_client(vhd.rsplit("/", 1)[1] + ".sbom.cdx.json")
     assert json.loads(beside.download_blob().readall()) == doc  # stored with the VHD
-    vm_put = next(c for c in arm_double.calls if c.method == "PUT" and c.path.endswith("/virtualMachines/goldsmith-vm"))
-    assert vm_put  # the VM was created once and deleted with the staging group (leftovers are checked after the test)
+    assert puts(arm_double, "/virtualMachines/goldsmith-vm") == 1  # created once (and deleted: leftovers are checked)
     arm_double.keep(f"{images}/providers/Microsoft.Compute/images/golden", outputs["sig"]["artifactId"])
 
 
@@ -235,8 +234,8 @@ def test_windows_customizers_run_as_run_commands(env, arm_double, images, tmp_pa
     assert version["tags"]["goldsmith.sbom.sha256"] == result["outputs"]["sig"]["sbom"]["sha256"]
     arm_double.keep(result["outputs"]["sig"]["artifactId"])
     assert "ran " in capsys.readouterr().out  # the trigger logs each Run Command's output (into the task log)
-    vm_body = next(c for c in arm_double.run_commands)  # every script went to the build VM
-    assert vm_body["vm"].endswith("/virtualMachines/goldsmith-vm")
+    assert len(arm_double.run_commands) == len(scripts)  # every script went to the build VM, none elsewhere
+    assert {c["vm"].rsplit("/", 1)[1] for c in arm_double.run_commands} == {"goldsmith-vm"}
     assert result["outputs"]["sig"]["artifactId"].endswith("/images/windows/versions/0.0.1")
 
 
@@ -499,10 +498,16 @@ def test_vm_profile_and_source_choices_reach_the_vm(env, arm_double, images, tmp
         "distribute": [{"type": "VHD", "runOutputName": "v", "uri": "https://x.invalid/c"}]}))
     source = backend.resolve_source()
     assert (source["exactVersion"], source["hyperVGeneration"]) == ("0.20241004.1901", "V2")
-    body = backend._vm_body(source)
-    assert body["properties"]["hardwareProfile"]["vmSize"] == "Standard_D2ds_v4"  # AIB's Gen2 default
-    assert body["properties"]["storageProfile"]["osDisk"]["diskSizeGB"] == 64
-    assert body["identity"] == {"type": "UserAssigned", "userAssignedIdentities": {identity: {}}}
+    drive(backend.prepare_staging)
+    try:  # what ARM received and created, not what Goldsmith meant to send
+        vm = arm_double.get(drive(lambda: backend.provision(source))["vm"])
+        assert vm["properties"]["hardwareProfile"]["vmSize"] == "Standard_D2ds_v4"  # AIB's Gen2 default
+        assert vm["properties"]["storageProfile"]["imageReference"]["exactVersion"] == "0.20241004.1901"
+        disk = arm_double.get(vm["properties"]["storageProfile"]["osDisk"]["managedDisk"]["id"])
+        assert (disk["properties"]["diskSizeGB"], disk["properties"]["hyperVGeneration"]) == (64, "V2")
+        assert vm["identity"] == {"type": "UserAssigned", "userAssignedIdentities": {identity: {}}}
+    finally:
+        drive(lambda: backend.cleanup(keep_vm=False))
     gen1 = AzureBackend(make_build(tmp_path, {"source": DEBIAN, "distribute": [
         {"type": "VHD", "runOutputName": "v", "uri": "https://x.invalid/c"}]}, name="gen1"))
     assert gen1._vm_size(gen1.resolve_source()) == "Standard_D1_v2"

@@ -128,22 +128,4 @@ def test_a_qemu_that_fails_to_start_is_reported_and_gone(tmp_path):
         qemu.launch(tmp_path / "staging", bad, vcpus=1, memory_mib=512, user="packer", ssh_public_key=KEY,
                     hostname="vm")
     assert qemu_processes_in(tmp_path) == []
-    assert VMState.load(tmp_path / "staging") is None
-
-
-@pytest.mark.skipif(not Path("/dev/kvm").exists(), reason="no /dev/kvm")
-def test_forced_kvm_that_fails_falls_back_to_tcg(tmp_path, monkeypatch):
-    """On nested KVM, QEMU aborts at start ("failed to set MSR"); the launch goes on under TCG."""
-    monkeypatch.setenv("GOLDSMITH_ACCEL", "kvm")
-    empty = tmp_path / "os.qcow2"  # the firmware finds nothing to boot; QEMU runs all the same
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(empty), "64M"], check=True)
-    vm = qemu.launch(tmp_path / "staging", empty, vcpus=1, memory_mib=512, user="packer", ssh_public_key=KEY,
-                     hostname="vm")
-    try:
-        assert vm.is_running()
-        if Path("/sys/module/kvm_pvm").exists():
-            assert (vm.accel, vm.accel_reason) == ("tcg", "fell back: KVM failed at start")
-        assert VMState.load(tmp_path / "staging") == vm
-    finally:
-        vm.stop(timeout=1)
-    assert not vm.is_running() and qemu_processes_in(tmp_path) == []
+    assert not VMState.load(tmp_path / "staging").is_running()  # recorded before the launch, never ran

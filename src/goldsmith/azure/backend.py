@@ -24,7 +24,7 @@ from azure.core.exceptions import HttpResponseError, ResourceNotFoundError, Serv
 from azure.storage.blob import BlobClient, BlobServiceClient, ContentSettings
 
 from goldsmith import buildsbom, customizers, runoutputs, sbom, versions
-from goldsmith.azure import arm, windows
+from goldsmith.azure import arm, prechecks, windows
 from goldsmith.azure.arm import ResourceId, Wait
 from goldsmith.azure.hooks import AzureBuildHook, AzureSettingsError
 from goldsmith.core import Build, BuildError, Pending, destination_resource_group
@@ -217,7 +217,7 @@ class AzureBackend:
                 f"source.planInfo: {urn} is a marketplace image with a purchase plan; add \"planInfo\": "
                 f"{{\"planName\": \"{plan.get('name')}\", \"planProduct\": \"{plan.get('product')}\", "
                 f"\"planPublisher\": \"{plan.get('publisher')}\"}} (and accept its terms: az vm image terms accept)")
-        return {"type": s.type, "id": f"{urn}:{version}", "exactVersion": version, "parents": [],
+        return {"type": s.type, "id": f"{urn}:{version}", "exactVersion": version, "parents": [], "plan": plan,
                 "osType": image.get("osDiskImage", {}).get("operatingSystem", "Linux"),
                 "hyperVGeneration": image.get("hyperVGeneration") or "V1",
                 "imageReference": {"publisher": s.publisher, "offer": s.offer, "sku": s.sku, "version": version}}
@@ -357,6 +357,7 @@ class AzureBackend:
             state = arm.provisioning_state(arm.get(self.arm, self._id(T_VM, VM)))
             if state != "Succeeded":
                 if state in (None, "Failed"):  # the network is needed only to create the VM
+                    prechecks.check_vm(self.arm, self.subscription, self._vm_body(source), source)
                     self._wait_for("network resources", self._network(source["osType"] == "Windows"))
                     self._wait_for("network interface", [self._ensure(T_NIC, NIC, "network interface", self._nic_body)])
                     self.log.info("creating build VM %s (%s) from %s", VM, self._vm_size(source), source["id"])

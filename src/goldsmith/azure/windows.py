@@ -214,5 +214,5 @@ def _update(c: Any, key: str, run: Run) -> None:
 
 def tail(result: dict[str, Any], lines: int = 30) -> str:
     """The last lines of a Run Command's output and error, indented for an error message."""
-    text = (result["output"] + "\n" + result["error"]).strip().splitlines()
+    text = "\n".join(s.strip("\n") for s in (result["output"], result["error"]) if s.strip()).splitlines()
     return "\n".join(f"    {line}" for line in text[-lines:])

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 
-from goldsmith import buildsbom, confine, customizers, runoutputs, sbom, updates
+from goldsmith import affinity, buildsbom, confine, customizers, runoutputs, sbom, updates
 from goldsmith.core import Build, BuildError
 from goldsmith.communicator import CommunicatorError, SSHCommunicator, create_build_key
 from goldsmith.local import baseimage, catalog, disk, qemu, vmsizes
@@ -68,10 +68,11 @@ class LocalBackend:
             self.log.info("adopting staging area %s from an earlier try", self.staging)
         else:
             self.staging.mkdir(parents=True, exist_ok=True)
-            marker.write_text(json.dumps({"runKey": self.build.run_key, "created": _now()}))
-            self.log.info("created staging area %s", self.staging)
+            marker.write_text(json.dumps({"runKey": self.build.run_key, "created": _now(), "host": affinity.this_host()}))
+            self.log.info("created staging area %s on host %s", self.staging, affinity.this_host())
         self._ensure_key()
-        return {"staging": str(self.staging)}
+        # Later steps compare the host with theirs (affinity.wrong_host): the VM never leaves this host.
+        return {"staging": str(self.staging), "host": json.loads(marker.read_text()).get("host", affinity.this_host())}
 
     def _ensure_key(self) -> Path:
         """An ed25519 key made for this build only; it reaches the VM through the cloud-init seed."""
@@ -105,7 +106,8 @@ class LocalBackend:
         started = time.monotonic()
         with self._connect(vm) as comm:
             # cloud-init has done its work: the base image's GRUB skips it at the build VM's later boots.
-            _run_root(comm, f"touch {baseimage.BUILD_VM_MARKER}")
+            # sync: the overlay on the host holds what the guest wrote even if this worker is killed next.
+            _run_root(comm, f"touch {baseimage.BUILD_VM_MARKER} && sync")
         self.log.info("build VM ready: ssh on 127.0.0.1:%s after %.0f s (%s)", vm.port, time.monotonic() - started,
                       vm.accel)
         return {"pid": vm.pid, "port": vm.port, "accel": vm.accel}
@@ -175,7 +177,9 @@ class LocalBackend:
             with comm:
                 if customizers.run_linux_customizer(comm, c, name=step.name, on_line=self._on_line,
                                                  secrets=self.build.secrets):
-                    self._wait_out_reboot(vm)
+                    self._wait_out_reboot(vm)  # a clean reboot has flushed the guest's writes
+                else:
+                    _sync(comm)
         except customizers.CustomizerError as e:  # downloads were already retried inside fetch()
             raise BuildError(f"{step.task_id}: {e}") from None
         return {"step": step.task_id}
@@ -323,6 +327,13 @@ class LocalBackend:
         shutil.rmtree(self.staging)
         self.log.info("removed staging area %s", self.staging)
         return {"removed": True}
+
+
+def _sync(comm: SSHCommunicator) -> None:
+    """Flushes the guest's page cache to the overlay: a customizer's layer survives a worker killed after it."""
+    result = comm.run("sync")
+    if result.exit_code != 0:
+        raise RuntimeError(f"sync failed in the build VM (exit {result.exit_code}): {' | '.join(result.tail)}")
 
 
 def _run_root(comm: SSHCommunicator, command: str) -> None:

@@ -4,7 +4,11 @@
 with its working directory in the staging dir, and records it in ``vm.json``; any later task adopts it
 with ``VMState.load(staging_dir)``. Files in the staging dir:
 ``vm.json``, ``seed.iso``, ``console.log`` (serial console, appended across launches), ``qemu.log``
-(QEMU's stderr), ``qmp.sock``.
+(QEMU's stderr), ``qmp.sock``, ``qemu.pid``.
+
+No QEMU runs unrecorded: ``vm.json`` (with the exact argv) is written before QEMU starts, and QEMU writes
+its own pid to ``qemu.pid``; a task killed between the launch and recording the pid leaves a VM that the
+next task (or cleanup) still finds, through the pid file or, before QEMU has written it, by its argv.
 
 Choices, from measurements on this host (see shared/notes/qemu-on-these-machines.md):
 
@@ -44,8 +48,11 @@ SEED = "seed.iso"
 CONSOLE_LOG = "console.log"
 QEMU_LOG = "qemu.log"
 QMP_SOCKET = "qmp.sock"
+PID_FILE = "qemu.pid"
 KVM_FAILURES = ("KVM internal error", "emulation failure", "failed to set MSR", "kvm_init_vcpu")
 MIN_MEMORY_MIB = 512
+# What choose_accel reads (module constants: tests/local/test_accel.py points them at files of its own).
+KVM_DEVICE, PVM_MODULE, CPUINFO = "/dev/kvm", "/sys/module/kvm_pvm", "/proc/cpuinfo"
 
 
 class VMError(RuntimeError):
@@ -63,12 +70,12 @@ def choose_accel() -> tuple[str, str]:
         if forced not in ("kvm", "tcg"):
             raise VMConfigError(f"GOLDSMITH_ACCEL={forced!r}: use 'kvm', 'tcg', or leave it unset")
         return forced, "GOLDSMITH_ACCEL"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "tcg", "/dev/kvm is missing or not accessible"
-    if Path("/sys/module/kvm_pvm").exists():
+    if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
+        return "tcg", f"{KVM_DEVICE} is missing or not accessible"
+    if Path(PVM_MODULE).exists():
         return "tcg", "nested KVM (kvm_pvm): QEMU aborts with -cpu host and crawls or dies otherwise"
     flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
+    for line in Path(CPUINFO).read_text().splitlines():
         if line.startswith("flags"):
             flags.update(line.split(":", 1)[1].split())
     if not flags & {"vmx", "svm"}:
@@ -116,6 +123,8 @@ class VMState:
 
     def is_running(self) -> bool:
         """True if our QEMU still runs: the pid's command line is exactly ours (pids get reused)."""
+        if not self.pid:  # recorded before the launch: find the process it became
+            self.pid = _launched_pid(self)
         try:
             cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes()
         except OSError:
@@ -308,6 +317,7 @@ def _argv(state: VMState) -> list[str]:
         "-device", "virtio-rng-pci",
         "-chardev", f"file,id=console,path={CONSOLE_LOG},append=on", "-serial", "chardev:console",
         "-qmp", f"unix:{QMP_SOCKET},server=on,wait=off",
+        "-pidfile", PID_FILE,
     ]
 
 
@@ -324,13 +334,15 @@ def _start(state: VMState, attempts: int = 3) -> None:
     staging = state.path
     for attempt in range(attempts):
         (staging / QMP_SOCKET).unlink(missing_ok=True)
-        state.argv = _argv(state)
+        (staging / PID_FILE).unlink(missing_ok=True)
+        state.argv, state.pid, state.started_at = _argv(state), 0, time.time()
+        state.save()  # before QEMU exists: a kill from here on leaves a record (see the module docstring)
         log_offset = (staging / QEMU_LOG).stat().st_size if (staging / QEMU_LOG).exists() else 0
         launched = subprocess.run(["sh", "-c", _LAUNCHER, "sh", *state.argv], cwd=staging,
                                   capture_output=True, text=True, check=True)
-        state.pid, state.started_at = int(launched.stdout), time.time()
+        state.pid = int(launched.stdout)
+        state.save()
         if _wait_started(state):
-            state.save()
             log.info("build VM pid %d (%s, %d vCPU, %d MiB), SSH on 127.0.0.1:%d",
                      state.pid, state.accel, state.vcpus, state.memory_mib, state.port)
             return
@@ -359,6 +371,20 @@ def _wait_started(state: VMState, timeout: float = 30) -> bool:
     with contextlib.suppress(ProcessLookupError):
         os.kill(state.pid, signal.SIGKILL)
     raise VMError(f"QEMU did not answer on QMP within {timeout:.0f} s; killed it. See {state.path / QEMU_LOG}")
+
+
+def _launched_pid(state: VMState) -> int:
+    """QEMU's pid from its pid file, or (QEMU has not written it yet) the process running exactly the
+    recorded argv in the staging dir; 0 if there is none."""
+    with contextlib.suppress(OSError, ValueError):
+        return int((state.path / PID_FILE).read_text())
+    argv = b"\0".join(a.encode() for a in state.argv) + b"\0"
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if (proc.name.isdigit() and (proc / "cmdline").read_bytes() == argv
+                    and (proc / "cwd").resolve() == state.path.resolve()):
+                return int(proc.name)
+    return 0
 
 
 def _alive(pid: int) -> bool:

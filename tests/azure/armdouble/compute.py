@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from .azurite import fixed_vhd, vhd_problem
-from .core import ArmError, Resource, ResourceType, Response, new_guid, norm_location, now_iso
+from .core import ArmError, Resource, ResourceType, Response, check_location, new_guid, norm_location, now_iso
 from .network import NetworkInterface, ip_configurations, ref, same, ssh_allowed
 from .vmhost import VmHost
 
@@ -26,6 +26,7 @@ DISK = "Microsoft.Compute/disks"
 IMAGE = "Microsoft.Compute/images"
 GALLERY_IMAGE = "Microsoft.Compute/galleries/images"
 GALLERY_VERSION = "Microsoft.Compute/galleries/images/versions"
+MAX_OS_DISK_GB, MAX_DATA_DISK_GB = 4095, 32767
 RUN_COMMAND_TIMEOUT = 90 * 60  # Azure's limit for a Run Command
 OUTPUT_LIMIT = 4096  # Run Command returns the last 4096 bytes of each stream
 # Azure's reserved admin user names (Linux and Windows)
@@ -58,6 +59,58 @@ class PlatformImage:
     size_gb: int = 30
 
 
+@dataclass(frozen=True)
+class VmSku:
+    """A VM size as `resourceSkus` lists it: where it is offered, where this subscription may not use it,
+    which hypervisor generations it boots and how many data disks it takes."""
+
+    name: str
+    family: str
+    vcpus: int
+    memory_gb: float
+    generations: str = "V1,V2"
+    max_data_disks: int = 4
+    regions: frozenset[str] | None = None  # None: every region
+    restricted: frozenset[str] = frozenset()  # offered there, but NotAvailableForSubscription
+
+    def offered(self, location: str) -> bool:
+        return self.regions is None or location in self.regions
+
+    def listing(self, location: str) -> dict:
+        caps = {"vCPUs": self.vcpus, "MemoryGB": self.memory_gb, "HyperVGenerations": self.generations,
+                "MaxDataDiskCount": self.max_data_disks, "OSVhdSizeMB": 1047552, "PremiumIO": "s" in
+                self.name.split("_")[1].lower()[1:]}
+        restrictions = [{"type": "Location", "values": [location], "reasonCode": "NotAvailableForSubscription",
+                         "restrictionInfo": {"locations": [location]}}] if location in self.restricted else []
+        return {"resourceType": "virtualMachines", "name": self.name, "tier": "Standard",
+                "size": self.name.split("_", 1)[1], "family": self.family, "locations": [location],
+                "locationInfo": [{"location": location, "zones": [], "zoneDetails": []}],
+                "capabilities": [{"name": k, "value": str(v)} for k, v in caps.items()],
+                "restrictions": restrictions}
+
+
+VM_SKUS = [
+    VmSku("Standard_A1_v2", "standardAv2Family", 1, 2, "V1", 2),
+    VmSku("Standard_B1s", "standardBSFamily", 1, 1, max_data_disks=2),
+    VmSku("Standard_B2ms", "standardBSFamily", 2, 8),
+    VmSku("Standard_D1_v2", "standardDv2Family", 1, 3.5, "V1"),
+    VmSku("Standard_D2_v2", "standardDv2Family", 2, 7, max_data_disks=8),
+    VmSku("Standard_D2s_v3", "standardDSv3Family", 2, 8),
+    VmSku("Standard_D2ds_v4", "standardDDSv4Family", 2, 8),
+    VmSku("Standard_D4ds_v4", "standardDDSv4Family", 4, 16, max_data_disks=8),
+    VmSku("Standard_D2s_v5", "standardDSv5Family", 2, 8),
+    VmSku("Standard_E2s_v5", "standardESv5Family", 2, 16),
+    VmSku("Standard_F4s_v2", "standardFSv2Family", 4, 8, max_data_disks=8),
+    VmSku("Standard_NV6ads_A10_v5", "StandardNVADSA10v5Family", 6, 55, "V1,V2",
+          regions=frozenset({"eastus", "southcentralus", "westeurope"})),
+    VmSku("Standard_M8ms", "standardMSFamily", 8, 218.75, max_data_disks=8, restricted=frozenset({"westus2"})),
+]
+
+
+def find_sku(name: str) -> VmSku | None:
+    return next((s for s in VM_SKUS if s.name.lower() == name.lower()), None)
+
+
 def _version_key(version: str) -> tuple:
     return tuple(int(p) if p.isdigit() else 0 for p in version.split("."))
 
@@ -87,6 +140,39 @@ class Marketplace:
         PlatformImage("center-for-internet-security-inc", "cis-ubuntu-linux-2204-l1", "cis-ubuntu2204-l1",
                       ["1.0.12", "1.0.14"], plan=True),
     ])
+
+    accepted: set = field(default_factory=set)  # (publisher, offer, plan), lower case: terms signed
+
+    def accept_terms(self, publisher: str, offer: str, plan: str) -> None:
+        self.accepted.add((publisher.lower(), offer.lower(), plan.lower()))
+
+    def agreement(self, double, method: str, rest: list[str], body) -> Response:
+        """offerTypes/virtualmachine/publishers/{p}/offers/{o}/plans/{plan}/agreements/current: the
+        marketplace terms of a plan (GET), accepted or cancelled by a PUT with properties.accepted."""
+        low = [s.lower() for s in rest]
+        if len(rest) != 10 or low[:2] != ["offertypes", "virtualmachine"] or low[2:9:2] != [
+                "publishers", "offers", "plans", "agreements"] or low[9] != "current":
+            raise ArmError(404, "NotFound", f"No route for {'/'.join(rest)} in Microsoft.MarketplaceOrdering of the "
+                           "ARM double.")
+        publisher, offer, plan = rest[3], rest[5], rest[7]
+        key = (publisher.lower(), offer.lower(), plan.lower())
+        if not any(i.plan and (i.publisher.lower(), i.offer.lower(), i.sku.lower()) == key for i in self.images):
+            raise ArmError(404, "ResourceNotFound", f"Offer {publisher}:{offer}:{plan} has no marketplace terms.")
+        if method == "PUT":
+            if ((body or {}).get("properties") or {}).get("accepted"):
+                self.accepted.add(key)
+            else:
+                self.accepted.discard(key)
+        elif method != "GET":
+            raise ArmError(405, "MethodNotAllowed", f"{method} is not supported on agreements.")
+        return Response(200, {
+            "id": f"/subscriptions/{double.subscription_id}/providers/Microsoft.MarketplaceOrdering/offerTypes/"
+                  f"VirtualMachine/publishers/{publisher}/offers/{offer}/plans/{plan}/agreements/current",
+            "name": plan, "type": "Microsoft.MarketplaceOrdering/offertypes",
+            "properties": {"publisher": publisher, "product": offer, "plan": plan, "accepted": key in self.accepted,
+                           "licenseTextLink": "https://example.invalid/terms", "signature": "armdouble",
+                           "privacyPolicyLink": "https://example.invalid/privacy",
+                           "retrieveDatetime": now_iso()}})
 
     def add(self, publisher: str, offer: str, sku: str, versions: list[str], **options) -> PlatformImage:
         image = PlatformImage(publisher, offer, sku, list(versions), **options)
@@ -213,6 +299,11 @@ class _Compute(ResourceType):
 # -- run commands ------------------------------------------------------------------------------
 
 
+def _exit_code_first(result: tuple) -> tuple[int, str, str]:
+    """A Windows handler answers (stdout, stderr), exiting 0, or (exit code, stdout, stderr)."""
+    return result if len(result) == 3 else (0, *result)
+
+
 class _Execution:
     """A script running in a VM's guest (or given to the Windows handler) on its own thread, so a
     long script does not hold up the double."""
@@ -225,7 +316,7 @@ class _Execution:
         if guest is not None:
             work = lambda: guest.run_script(script, env, timeout)
         else:
-            work = lambda: (0, *double.windows_run_command(vm.name, command_id, script, parameters))
+            work = lambda: _exit_code_first(double.windows_run_command(vm.name, command_id, script, parameters))
         self._thread = threading.Thread(target=self._run, args=(work,), name=f"runcommand-{vm.name}", daemon=True)
         self._thread.start()
 
@@ -261,6 +352,7 @@ class VirtualMachine(_Compute):
             return
         if not (p.get("hardwareProfile") or {}).get("vmSize"):
             raise _missing("hardwareProfile.vmSize")
+        sku = self._sku(p["hardwareProfile"]["vmSize"], res.doc["location"])
         storage = p.setdefault("storageProfile", {})
         reference = storage.get("imageReference")
         if not reference:
@@ -269,19 +361,64 @@ class VirtualMachine(_Compute):
             source = self.resolve_source(reference["id"], res.doc["location"], "image")
         else:
             image, version = self.double.marketplace.resolve(reference, res.doc["location"])
-            if image.plan and not res.doc.get("plan"):
-                raise ArmError(400, "VMMarketplaceInvalidInput", "Creating a virtual machine from Marketplace image "
-                               "or a custom image sourced from a Marketplace image requires Plan information in the "
-                               "request. VM: '" + res.id + "'.")
+            self._check_plan(res, image)
             reference["exactVersion"] = version
             source = Source(image.os_type, image.hyper_v_generation, image.size_gb)
+        if source.hyper_v_generation not in sku.generations.split(","):
+            raise ArmError(400, "BadRequest", f"The selected VM size '{sku.name}' cannot boot Hypervisor Generation "
+                           f"'{source.hyper_v_generation[1:]}'. If this was a Create operation please check that the "
+                           "Hypervisor Generation of the Image matches the Hypervisor Generation of the selected VM "
+                           "Size. If this was an Update operation please select a Hypervisor Generation '"
+                           f"{source.hyper_v_generation[1:]}' VM Size.")
         self._validate_os_profile(res, source.os_type)
-        nics = self._validate_nics(res)
         disk = self._os_disk(res, group, storage, source)
+        data_disks = self._data_disks(res, group, storage, sku)
+        nics = self._validate_nics(res)
         p["vmId"] = new_guid()
         p["timeCreated"] = now_iso()
         res.state.update(source=source, power="starting", generalized=False, nics=nics)
+        for data_disk in data_disks:
+            self.double.add(data_disk)
         self.double.add(disk)
+
+    def _sku(self, size: str, location: str) -> VmSku:
+        sku = find_sku(size)
+        if sku is None:
+            raise ArmError(400, "InvalidParameter", f"The value '{size}' provided for the VM size is not valid. The "
+                           "valid sizes in this region are listed by resourceSkus (az vm list-skus --location "
+                           f"{location}).")
+        if not sku.offered(location) or location in sku.restricted:
+            raise ArmError(409, "SkuNotAvailable", f"The requested VM size for resource 'Following SKUs have failed "
+                           f"for Capacity Restrictions: {sku.name}' is currently not available in location "
+                           f"'{location}'. Please try another size or deploy to a different location or different "
+                           "zone. See https://aka.ms/azureskunotavailable for details.")
+        return sku
+
+    def _check_plan(self, res: Resource, image: PlatformImage) -> None:
+        """A plan image needs the VM's `plan` to name its plan, and its terms accepted on the subscription."""
+        plan = res.doc.get("plan")
+        if not image.plan:
+            if plan:
+                raise ArmError(400, "VMMarketplaceInvalidInput", f"Image {image.publisher}:{image.offer}:"
+                               f"{image.sku} has no purchase plan; remove the plan information from the request.")
+            return
+        if not plan:
+            raise ArmError(400, "VMMarketplaceInvalidInput", "Creating a virtual machine from Marketplace image "
+                           "or a custom image sourced from a Marketplace image requires Plan information in the "
+                           "request. VM: '" + res.id + "'.")
+        expected = {"name": image.sku, "product": image.offer, "publisher": image.publisher}
+        if any((plan.get(k) or "").lower() != v.lower() for k, v in expected.items()):
+            raise ArmError(400, "VMMarketplaceInvalidInput", f"The purchase information does not match. Unable to "
+                           f"deploy from the Marketplace image. OfferPublisher: '{image.publisher}', Offer: "
+                           f"'{image.offer}', Sku: '{image.sku}'; the request names plan {plan.get('name')!r}, "
+                           f"product {plan.get('product')!r}, publisher {plan.get('publisher')!r}.")
+        if (image.publisher.lower(), image.offer.lower(), image.sku.lower()) not in self.double.marketplace.accepted:
+            raise ArmError(400, "MarketplacePurchaseEligibilityFailed", "Marketplace purchase eligibilty check "
+                           f"returned errors. See inner errors for details. Details: 'BadRequest: Offer with "
+                           f"PublisherId: '{image.publisher}', OfferId: '{image.offer}' cannot be purchased due to "
+                           "validation errors. ... You have not accepted the legal terms on this subscription: "
+                           f"'{self.double.subscription_id}' for this plan. Before the subscription can be used, you "
+                           "need to accept the legal terms of the image.'")
 
     def _validate_os_profile(self, res: Resource, os_type: str) -> None:
         profile = res.properties.get("osProfile")
@@ -304,6 +441,8 @@ class VirtualMachine(_Compute):
         linux.setdefault("disablePasswordAuthentication", bool(keys) and not password)
         if linux["disablePasswordAuthentication"] and not keys:
             raise _missing("osProfile.linuxConfiguration.ssh.publicKeys")
+        if not linux["disablePasswordAuthentication"] and not password:
+            raise _missing("adminPassword")
         for key in keys:
             expected = f"/home/{user}/.ssh/authorized_keys"
             if key.get("path") != expected:
@@ -333,6 +472,9 @@ class VirtualMachine(_Compute):
     def _os_disk(self, res: Resource, group: Resource, storage: dict, source: Source) -> Resource:
         os_disk = storage.setdefault("osDisk", {})
         size = os_disk.get("diskSizeGB") or source.size_gb
+        if size > MAX_OS_DISK_GB:
+            raise ArmError(400, "InvalidParameter", f"The value '{size}' of parameter 'osDisk.diskSizeGB' is out of "
+                           f"range. The OS disk size must be between 1 and {MAX_OS_DISK_GB} GB.")
         if size < source.size_gb:
             raise ArmError(400, "InvalidParameter", f"The specified disk size {size} GB is smaller than the size of "
                            f"the corresponding disk in the VM image: {source.size_gb} GB. This is not allowed.")
@@ -355,6 +497,44 @@ class VirtualMachine(_Compute):
                                                "imageReference": {"id": storage["imageReference"].get("id") or
                                                                   self._platform_id(res, storage["imageReference"])}}}}
         return Resource(disk_id, DISK, doc, state={"source": source})
+
+    def _data_disks(self, res: Resource, group: Resource, storage: dict, sku: VmSku) -> list[Resource]:
+        """Empty data disks created with the VM (the only kind a build VM asks for), as disk resources."""
+        disks, luns = [], set()
+        items = storage.setdefault("dataDisks", [])
+        if len(items) > sku.max_data_disks:
+            raise ArmError(409, "OperationNotAllowed", f"The maximum number of data disks allowed to be attached "
+                           f"to a VM of this size is {sku.max_data_disks}.")
+        for item in items:
+            lun = item["lun"]
+            if lun in luns or not 0 <= lun <= 63:
+                raise ArmError(400, "InvalidParameter", f"The LUN {lun} of a data disk is invalid or used twice: "
+                               "each data disk needs its own LUN between 0 and 63.")
+            luns.add(lun)
+            if item["createOption"] != "Empty":
+                raise ArmError(400, "InvalidParameter", f"createOption '{item['createOption']}' for data disks is "
+                               "not implemented by the ARM double (Empty).")
+            size = item.get("diskSizeGB")
+            if not size:
+                raise _missing(f"dataDisks[{lun}].diskSizeGB")
+            if not 1 <= size <= MAX_DATA_DISK_GB:
+                raise ArmError(400, "InvalidParameter", f"The value '{size}' of parameter 'dataDisk.diskSizeGB' is "
+                               f"out of range. The value must be between '1' and '{MAX_DATA_DISK_GB}'.")
+            name = item.get("name") or f"{res.name}_disk{lun + 2}_{uuid.uuid4().hex}"
+            disk_id = f"{group.id}/providers/Microsoft.Compute/disks/{name}"
+            managed = item.setdefault("managedDisk", {})
+            managed.setdefault("storageAccountType", "Standard_LRS")
+            managed["id"] = disk_id
+            item.update(name=name, caching=item.get("caching") or "None",
+                        deleteOption=item.get("deleteOption") or "Detach")
+            disks.append(Resource(disk_id, DISK, {
+                "id": disk_id, "name": name, "type": DISK, "location": res.doc["location"], "tags": {},
+                "sku": {"name": managed["storageAccountType"]},
+                "properties": {"diskSizeGB": size, "diskSizeBytes": size * 2**30, "uniqueId": new_guid(),
+                               "timeCreated": now_iso(), "provisioningState": "Succeeded",
+                               "creationData": {"createOption": "Empty"}}},
+                state={"source": Source("", "V1", size)}))
+        return disks
 
     def _platform_id(self, res: Resource, reference: dict) -> str:
         market = self.double.marketplace
@@ -504,8 +684,9 @@ class VirtualMachine(_Compute):
         # ARM deletes with the VM what the VM's deleteOptions say (default: Detach, i.e. keep).
         doomed = []
         os_disk = res.properties["storageProfile"]["osDisk"]
-        if os_disk.get("deleteOption") == "Delete":
-            doomed.append(os_disk["managedDisk"]["id"])
+        for disk in [os_disk, *res.properties["storageProfile"].get("dataDisks", [])]:
+            if disk.get("deleteOption") == "Delete":
+                doomed.append(disk["managedDisk"]["id"])
         for item in res.properties["networkProfile"]["networkInterfaces"]:
             if (item.get("properties") or {}).get("deleteOption") == "Delete":
                 doomed.append(item["id"])
@@ -595,7 +776,9 @@ class Disk(_Compute):
 
     def user(self, res: Resource) -> Resource | None:
         return next((vm for vm in self.double.find_all(VM)
-                     if same(vm.properties["storageProfile"]["osDisk"]["managedDisk"]["id"], res.id)), None)
+                     for disk in [vm.properties["storageProfile"]["osDisk"],
+                                  *vm.properties["storageProfile"].get("dataDisks", [])]
+                     if same(disk["managedDisk"]["id"], res.id)), None)
 
     def view(self, res, query):
         doc = super().view(res, query)
@@ -768,6 +951,13 @@ class GalleryImageVersion(_Compute):
                                    f"properties.storageProfile.source.{key}' is not allowed.")
         definition = self.double.find(res.id.rsplit("/", 2)[0])
         location = res.doc["location"]
+        gallery = self.double.find(res.id.rsplit("/", 4)[0])
+        if location != gallery.doc["location"]:
+            raise ArmError(400, "InvalidParameter", f"The gallery image version's location '{location}' must be its "
+                           f"gallery's location '{gallery.doc['location']}'; replicate to other regions with "
+                           "publishingProfile.targetRegions.")
+        for region in (p.get("publishingProfile") or {}).get("targetRegions") or []:
+            check_location(region.get("name") or "", GALLERY_VERSION)
         vhd = (storage.get("osDiskImage") or {}).get("source") or {}
         if source_ref.get("id") or source_ref.get("virtualMachineId"):
             source = self.resolve_source(source_ref.get("id") or source_ref["virtualMachineId"], location, "source")
@@ -778,6 +968,8 @@ class GalleryImageVersion(_Compute):
                                "for a Generalized image definition.")
         elif vhd.get("uri") or source_ref.get("uri"):
             uri = vhd.get("uri") or source_ref["uri"]
+            if not (vhd.get("storageAccountId") or source_ref.get("storageAccountId")):
+                raise _missing("galleryImageVersion.properties.storageProfile.osDiskImage.source.storageAccountId")
             self.check_vhd(uri)
             source = Source(definition.properties["osType"], definition.properties["hyperVGeneration"], 1, vhd_uri=uri)
         else:

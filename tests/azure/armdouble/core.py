@@ -17,6 +17,42 @@ def norm_location(location: str) -> str:
     return location.replace(" ", "").lower()
 
 
+# The public regions the double knows (ARM's `az account list-locations`, abridged): a location outside
+# them is refused as ARM refuses it.
+REGIONS = frozenset({
+    "eastus", "eastus2", "westus", "westus2", "westus3", "centralus", "northcentralus", "southcentralus",
+    "westcentralus", "canadacentral", "brazilsouth", "northeurope", "westeurope", "uksouth", "ukwest",
+    "francecentral", "germanywestcentral", "swedencentral", "norwayeast", "switzerlandnorth", "polandcentral",
+    "italynorth", "spaincentral", "uaenorth", "southafricanorth", "centralindia", "southeastasia", "eastasia",
+    "japaneast", "koreacentral", "australiaeast"})
+MAX_TAGS, MAX_TAG_NAME, MAX_TAG_VALUE = 50, 512, 256  # ARM's limits per resource and resource group
+
+
+def check_location(location: str, resource_type: str) -> str:
+    """The normalized location, or ARM's refusal of a region that does not exist."""
+    region = norm_location(location)
+    if region not in REGIONS:
+        raise ArmError(400, "LocationNotAvailableForResourceType",
+                       f"The provided location '{location}' is not available for resource type '{resource_type}'. "
+                       f"List of available regions for the resource type is '{','.join(sorted(REGIONS))}'.")
+    return region
+
+
+def check_tags(tags: dict | None) -> dict:
+    tags = dict(tags or {})
+    if len(tags) > MAX_TAGS:
+        raise ArmError(400, "InvalidTagCount", f"The number of tags ({len(tags)}) exceeds the limit of {MAX_TAGS} "
+                       "tags per resource.")
+    for name, value in tags.items():
+        if len(name) > MAX_TAG_NAME:
+            raise ArmError(400, "InvalidTagNameLength", f"The tag name '{name[:40]}...' exceeds the maximum "
+                           f"length of {MAX_TAG_NAME} characters.")
+        if len(str(value)) > MAX_TAG_VALUE:
+            raise ArmError(400, "InvalidTagValueLength", f"The tag value '{str(value)[:40]}...' of tag '{name}' "
+                           f"exceeds the maximum length of {MAX_TAG_VALUE} characters.")
+    return tags
+
+
 def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
 

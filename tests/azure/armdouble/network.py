@@ -86,7 +86,10 @@ def _source_matches(rule: dict, from_internet: bool) -> bool:
 class _Network(ResourceType):
     creating_state = "Updating"
 
-    def validate(self, res: Resource, existing: Resource | None, group: Resource) -> None:
+    def check_set(self, parent: Resource, siblings: list[dict]) -> None:
+        """Refuse a set of children that cannot live together (their properties, each with its name)."""
+
+    def validate(self, res: Resource, existing: Resource | None, group: Resource, inline: bool = False) -> None:
         res.doc["etag"] = f'W/"{new_guid()}"'
         if self.tracked:
             res.properties["resourceGuid"] = existing.properties["resourceGuid"] if existing else new_guid()
@@ -107,10 +110,11 @@ class _WithChildren(_Network):
     children = ""  # property name
     child_type: type[ResourceType]
 
-    def validate(self, res, existing, group):
-        super().validate(res, existing, group)
+    def validate(self, res, existing, group, inline=False):
+        super().validate(res, existing, group, inline)
         inline = res.properties.pop(self.children, None) or []
         child = self.double.handler(self.child_type.type)
+        child.check_set(res, [{**(item.get("properties") or {}), "name": item.get("name")} for item in inline])
         kept = set()
         for item in inline:
             child_id = f"{res.id}/{self.child_type.type.split('/')[-1]}/{item['name']}"
@@ -118,7 +122,7 @@ class _WithChildren(_Network):
             doc = {"id": child_id, "name": item["name"], "type": child.type,
                    "properties": copy.deepcopy(item.get("properties") or {})}
             sub = Resource(child_id, child.type, doc)
-            child.validate(sub, self.double.find(child_id), group)
+            child.validate(sub, self.double.find(child_id), group, inline=True)
             sub.properties["provisioningState"] = "Succeeded"
             self.double.add(sub)
         for old in self._children(res):
@@ -140,8 +144,8 @@ class Subnet(_Network):
     type = "Microsoft.Network/virtualNetworks/subnets"
     tracked = False
 
-    def validate(self, res, existing, group):
-        super().validate(res, existing, group)
+    def validate(self, res, existing, group, inline=False):
+        super().validate(res, existing, group, inline)
         if not (res.properties.get("addressPrefix") or res.properties.get("addressPrefixes")):
             raise ArmError(400, "InvalidRequestFormat", f"Cannot parse the request: subnet {res.name} has no "
                            "addressPrefix.")
@@ -169,10 +173,10 @@ class VirtualNetwork(_WithChildren):
     type = "Microsoft.Network/virtualNetworks"
     children, child_type = "subnets", Subnet
 
-    def validate(self, res, existing, group):
+    def validate(self, res, existing, group, inline=False):
         if not (res.properties.get("addressSpace") or {}).get("addressPrefixes"):
             raise ArmError(400, "InvalidAddressSpace", f"Virtual network {res.name} must have an address space.")
-        super().validate(res, existing, group)
+        super().validate(res, existing, group, inline)
 
     def check_delete(self, res):
         for subnet in self._children(res):
@@ -183,8 +187,8 @@ class SecurityRule(_Network):
     type = "Microsoft.Network/networkSecurityGroups/securityRules"
     tracked = False
 
-    def validate(self, res, existing, group):
-        super().validate(res, existing, group)
+    def validate(self, res, existing, group, inline=False):
+        super().validate(res, existing, group, inline)
         p = res.properties
         for field in ("protocol", "access", "direction", "priority"):
             if p.get(field) in (None, ""):
@@ -194,6 +198,21 @@ class SecurityRule(_Network):
         if not 100 <= int(p["priority"]) <= 4096:
             raise ArmError(400, "SecurityRuleInvalidPriority", f"Security rule {res.name} has invalid priority "
                            f"{p['priority']}. Value provided: {p['priority']} Allowed range 100-4096.")
+        if not inline:  # a rule PUT on its own joins the NSG's other rules
+            nsg_id = res.id.rsplit("/", 2)[0].lower()
+            others = [o.properties | {"name": o.name} for o in self.double.find_all(self.type)
+                      if o.id.lower().startswith(nsg_id + "/") and o.id.lower() != res.id.lower()]
+            self.check_set(None, others + [p | {"name": res.name}])
+
+    def check_set(self, parent, siblings):
+        seen = {}
+        for rule in siblings:
+            key = (str(rule.get("priority")), str(rule.get("direction")).lower())
+            if key in seen:
+                raise ArmError(400, "SecurityRuleConflict", f"Security rule {rule['name']} conflicts with rule "
+                               f"{seen[key]}. Rules cannot have the same Priority and Direction. To learn more, "
+                               "see aka.ms/nsgrules.")
+            seen[key] = rule["name"]
 
 
 class NetworkSecurityGroup(_WithChildren):
@@ -235,8 +254,8 @@ class NetworkSecurityGroup(_WithChildren):
 class PublicIPAddress(_Network):
     type = "Microsoft.Network/publicIPAddresses"
 
-    def validate(self, res, existing, group):
-        super().validate(res, existing, group)
+    def validate(self, res, existing, group, inline=False):
+        super().validate(res, existing, group, inline)
         res.doc.setdefault("sku", {"name": "Standard", "tier": "Regional"})
         p = res.properties
         p.setdefault("publicIPAllocationMethod", "Static" if res.doc["sku"]["name"] == "Standard" else "Dynamic")
@@ -271,8 +290,8 @@ class PublicIPAddress(_Network):
 class NetworkInterface(_Network):
     type = "Microsoft.Network/networkInterfaces"
 
-    def validate(self, res, existing, group):
-        super().validate(res, existing, group)
+    def validate(self, res, existing, group, inline=False):
+        super().validate(res, existing, group, inline)
         configs = res.properties.get("ipConfigurations") or []
         if not configs:
             raise ArmError(400, "NetworkInterfaceMustHaveAtLeastOneIpConfiguration",
@@ -282,7 +301,12 @@ class NetworkInterface(_Network):
         old = {c["name"]: c for c in ip_configurations(existing)} if existing else {}
         for index, config in enumerate(configs):
             p = config.setdefault("properties", {})
-            self.require(res, ref(p, "subnet"), Subnet.type)
+            subnet = self.require(res, ref(p, "subnet"), Subnet.type)
+            vnet = self.double.find(subnet.id.rsplit("/", 2)[0])
+            if vnet.doc["location"] != res.doc["location"]:
+                raise ArmError(400, "InvalidResourceReference",
+                               f"Resource {subnet.id} referenced by resource {res.id} was not found. Please make sure "
+                               "that the referenced resource exists, and that both resources are in the same region.")
             if pip := ref(p, "publicIPAddress"):
                 self.require(res, pip, PublicIPAddress.type)
                 user = self.double.handler(PublicIPAddress.type).user(self.double.find(pip))

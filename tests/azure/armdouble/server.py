@@ -20,8 +20,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, parse_qsl, unquote, urlsplit
 
-from .core import (ArmError, Fault, Latency, Operation, Resource, ResourceType, Response, group_not_found,
-                   new_guid, norm_location, not_found, seconds_header)
+from . import schema
+from .core import (ArmError, Fault, Latency, Operation, Resource, ResourceType, Response, check_location, check_tags,
+                   group_not_found, new_guid, norm_location, not_found, seconds_header)
 from .tls import make_server_context
 
 TENANT_ID = "72f988bf-86f1-41af-91ab-2d7cd011db47"
@@ -125,6 +126,7 @@ class ArmDouble:
             self.windows_run_command = lambda vm, command_id, script, parameters: ("", "")
             self.addresses: set[str] = set()
             self.latency: dict[str, Latency] = {"*": Latency()}
+            self.marketplace.accepted.clear()  # terms a test accepted
             self._lro_fault: Fault | None = None
 
     def _clear(self) -> None:
@@ -333,6 +335,10 @@ class ArmDouble:
         if lrest[:1] == ["providers"]:
             if len(rest) >= 5 and lrest[1] == "microsoft.compute" and lrest[2:5:2] == ["locations", "publishers"]:
                 return self.marketplace.serve(self, method, rest[3], rest[5:], query)
+            if lrest[1:3] == ["microsoft.compute", "skus"] and len(rest) == 3 and method == "GET":
+                return Response(200, {"value": self._resource_skus(query)})
+            if lrest[1] == "microsoft.marketplaceordering":
+                return self.marketplace.agreement(self, method, rest[2:], body)
             if len(rest) == 3 and method == "GET":
                 return Response(200, {"value": self._list(f"{rest[1]}/{rest[2]}", None, query)})
         if lrest[:1] == ["resourcegroups"]:
@@ -346,6 +352,20 @@ class ArmDouble:
             if len(rest) >= 5 and lrest[2] == "providers":
                 return self._resource_request(method, group, rest[3], rest[4:], query, body)
         raise ArmError(404, "NotFound", f"No route for {method} {path} in the ARM test double.")
+
+    def _resource_skus(self, query: dict) -> list[dict]:
+        """resourceSkus: one entry per VM size and region it is offered in ($filter=location eq 'x')."""
+        from .compute import VM_SKUS
+        from .core import REGIONS
+        wanted = REGIONS
+        if expression := query.get("$filter"):
+            m = re.fullmatch(r"\s*location eq '([^']*)'\s*", expression, re.IGNORECASE)
+            if not m:
+                raise ArmError(400, "InvalidFilterInQueryString", f"Invalid $filter '{expression}': resourceSkus "
+                               "supports location eq '<region>'.")
+            wanted = {norm_location(m.group(1))}
+        return [sku.listing(region) for sku in VM_SKUS for region in sorted(wanted)
+                if region in REGIONS and sku.offered(region)]
 
     # -- long-running operations --------------------------------------------------------------
 
@@ -423,13 +443,15 @@ class ArmDouble:
             if not re.fullmatch(r"[-\w._()]{1,90}", name) or name.endswith("."):
                 raise ArmError(400, "InvalidResourceGroup", f"The provided resource group name '{name}' has these "
                                "invalid characters or is longer than 90 characters.")
+            check_location(body["location"], "Microsoft.Resources/resourceGroups")
+            tags = check_tags(body.get("tags"))
             created = group is None
             if created:
                 group = Resource(self._group_id(name), "Microsoft.Resources/resourceGroups", {
                     "id": self._group_id(name), "name": name, "type": "Microsoft.Resources/resourceGroups",
                     "location": norm_location(body["location"]), "properties": {"provisioningState": "Succeeded"}})
                 self._groups[group.id.lower()] = group
-            group.doc["tags"] = dict(body.get("tags") or {})
+            group.doc["tags"] = tags
             if body.get("managedBy"):
                 group.doc["managedBy"] = body["managedBy"]
             return Response(201 if created else 200, copy.deepcopy(group.doc))
@@ -443,7 +465,7 @@ class ArmDouble:
             return Response(200, copy.deepcopy(group.doc))
         if method == "PATCH":
             if body and "tags" in body:
-                group.doc["tags"] = dict(body["tags"] or {})
+                group.doc["tags"] = check_tags(body["tags"])
             return Response(200, copy.deepcopy(group.doc))
         if method == "DELETE":
             if group.op and not group.op.done:  # a second delete joins the first
@@ -558,8 +580,9 @@ class ArmDouble:
         if handler.tracked:
             if not body.get("location"):
                 raise ArmError(400, "LocationRequired", "The location property is required for this definition.")
-            doc["location"] = norm_location(body["location"])
-            doc["tags"] = dict(body.get("tags") or {})
+            doc["location"] = check_location(body["location"], handler.type)
+            doc["tags"] = check_tags(body.get("tags"))
+        schema.check(handler.type, body)
         for key in ("sku", "plan", "identity", "zones", "kind", "extendedLocation"):
             if key in body:
                 doc[key] = copy.deepcopy(body[key])
@@ -588,7 +611,7 @@ class ArmDouble:
 
     def _patch(self, handler: ResourceType, res: Resource, body: dict, query) -> Response:
         if "tags" in body:
-            res.doc["tags"] = dict(body["tags"] or {})
+            res.doc["tags"] = check_tags(body["tags"])
         handler.patch(res, body.get("properties") or {})
         if handler.namespace == "Microsoft.Network":  # network's updateTags is synchronous
             return Response(200, handler.view(res, query))
