@@ -4,8 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the builds and the tests need (qemu, base-image bootstrap, ssh for the communicator).
 APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap genisoimage openssh-client openssh-server sudo \
-	e2fsprogs fdisk gdisk grub-pc-bin grub2-common mount util-linux postgresql docker.io docker-compose
+	e2fsprogs fdisk gdisk grub-pc-bin grub2-common mount util-linux uidmap postgresql python3-venv docker.io docker-compose
+# npm for Azurite, only when no npm is on PATH (a nodejs from elsewhere is fine).
+APT_PACKAGES += $(if $(shell command -v npm),,npm)
 STAMP := $(VENV)/.installed
+# uv from PATH, else from PyPI into .uv/ (stock Debian 12 / Ubuntu 24.04 refuse `pip install` into the system
+# Python, PEP 668).
+UV := $(or $(shell command -v uv),.uv/bin/uv)
 
 .PHONY: setup apt demo test test-fast lint bench clean up down
 setup: apt $(STAMP)
@@ -19,11 +24,14 @@ apt:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-$(STAMP): pyproject.toml
-	@command -v uv >/dev/null || python3 -m pip install -q uv
-	@[ -x $(PY) ] || uv venv -q --python 3.11 $(VENV)
+.uv/bin/uv:
+	python3 -m venv .uv && .uv/bin/pip install -q uv
+
+# constraints.txt: the development pins (pyproject.toml declares ranges, for installing into other Airflows).
+$(STAMP): pyproject.toml constraints.txt | $(UV)
+	@[ -x $(PY) ] || $(UV) venv -q --python 3.11 $(VENV)
 	# --compile-bytecode: PYTHONDONTWRITEBYTECODE is set on these machines and imports would be twice as slow.
-	uv pip install -q --python $(PY) --compile-bytecode -e '.[test]'
+	$(UV) pip install -q --python $(PY) --compile-bytecode -c constraints.txt -e '.[test]'
 	@touch $@
 
 # Azurite (npm), the blob storage emulator the Azure tests run against (tests/azure/armdouble/azurite.py).
@@ -55,7 +63,7 @@ bench: setup $(DAG_FACTORY)
 	@command -v packer >/dev/null || $(MAKE) apt APT_PACKAGES=packer
 	$(PY) -m bench
 $(DAG_FACTORY):
-	uv pip install -q --python $(PY) --target $(VENV)/dag-factory --no-deps --compile-bytecode dag-factory==1.1.0
+	$(UV) pip install -q --python $(PY) --target $(VENV)/dag-factory --no-deps --compile-bytecode dag-factory==1.1.0
 
 # The compose deployment (docker-compose.yaml; README "Deploy"). STAND_INS=1 builds local stand-ins of the
 # upstream images where no container registry is reachable; PROFILES=flower adds Flower.
@@ -72,4 +80,4 @@ down:
 	    -e "s|^AIRFLOW_JWT_SECRET=.*|AIRFLOW_JWT_SECRET=$$(openssl rand -hex 32)|" .env.example > $@
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) .uv build dist src/*.egg-info

@@ -17,6 +17,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, Airfl
 
 from goldsmith import affinity, changes, lineage, runoutputs, runpolicy, secrets, updates
 from goldsmith.core import Build, BuildError, Pending, backend_for, trigger_for
+from goldsmith.links import ArtifactLink
 from goldsmith.template.loader import TemplateError, load_template
 from goldsmith.template.plan import BuildPlan, make_plan
 
@@ -160,6 +161,8 @@ class CaptureOperator(GoldsmithStepOperator):
 
 
 class DistributeOperator(GoldsmithStepOperator):
+    operator_extra_links = (ArtifactLink(),)
+
     def __init__(self, *, run_output_name: str, **kwargs: Any):
         super().__init__(**kwargs)
         self.run_output_name = run_output_name

@@ -31,10 +31,11 @@ def say(text: str) -> None:
 def main() -> int:
     home = goldsmith_home()
     airflow_home = Path(os.environ.get("AIRFLOW_HOME") or home / "airflow")
-    env = airflow_environ(airflow_home, templates_dir(), home)
-    templates = sorted(str(p) for p in templates_dir().glob("*.json"))
+    templates_folder = templates_dir()
+    env = airflow_environ(airflow_home, templates_folder, home)
+    templates = sorted(str(p) for p in templates_folder.glob("*.json"))
 
-    say(f"validating {len(templates)} templates in {templates_dir()}")
+    say(f"validating {len(templates)} templates in {templates_folder}")
     if subprocess.run([GOLDSMITH, "validate", *templates], env=env).returncode != 0:
         return 1
 

@@ -26,5 +26,11 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def templates_dir() -> Path:
-    """The image templates, one DAG each. `$GOLDSMITH_TEMPLATES`, default include/templates."""
-    return Path(os.environ.get("GOLDSMITH_TEMPLATES") or PROJECT_ROOT / "include" / "templates")
+    """The image templates, one DAG each: `$GOLDSMITH_TEMPLATES`, then `[goldsmith] templates_folder` in
+    airflow.cfg (or `AIRFLOW__GOLDSMITH__TEMPLATES_FOLDER`), then include/templates of this checkout (an
+    installed package has none: configure it)."""
+    if os.environ.get("GOLDSMITH_TEMPLATES"):
+        return _dir("GOLDSMITH_TEMPLATES", "")
+    from airflow.configuration import conf  # here, not at the top: backends import this module, not Airflow
+
+    return Path(conf.get("goldsmith", "templates_folder", fallback="") or PROJECT_ROOT / "include" / "templates")

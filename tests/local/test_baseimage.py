@@ -72,9 +72,10 @@ def test_an_image_with_a_backing_file_is_refused(tmp_path, image):
         ensure_base_image(url_entry(overlay), tmp_path / "cache")
 
 
-def test_recipe_build_needs_root(tmp_path, monkeypatch):
-    monkeypatch.setattr(baseimage.os, "geteuid", lambda: 1000)
+def test_recipe_build_without_subordinate_ids_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(baseimage.os, "geteuid", lambda: 54321)  # no passwd entry, no /etc/subuid line
     entry = resolve("Debian", "debian-12", "12", "latest")
     entry = replace(entry, recipe=replace(entry.recipe, revision=10**6))  # a digest that is surely not cached
-    with pytest.raises(BaseImageError, match="needs root"):
+    with pytest.raises(BaseImageError, match="no subordinate uid/gid range.*usermod --add-subuids"):
         ensure_base_image(entry, tmp_path / "cache")
+    assert not any((tmp_path / "cache" / "base").glob(".tmp-*"))

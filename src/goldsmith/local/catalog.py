@@ -1,6 +1,6 @@
 """The platform catalog: which base disk an AIB ``PlatformImage`` source stands for on the local backend.
 
-``include/platform-catalog.json`` lists images by publisher, offer and skus (matched case-insensitively,
+``platform-catalog.json`` (package data beside this module) lists images by publisher, offer and skus (matched case-insensitively,
 as Azure does). Each image is one of two kinds:
 
 - ``url``: published cloud images, one per exact version, each with the sha256 of the file. They are
@@ -29,12 +29,14 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from goldsmith.versions import key as version_order
 
-DEFAULT_CATALOG = Path(__file__).resolve().parents[3] / "include" / "platform-catalog.json"
+# Package data, found through the installed package (a wheel has no checkout around it).
+DEFAULT_CATALOG = Path(str(resources.files(__package__) / "platform-catalog.json"))
 
 
 class CatalogError(ValueError):
