@@ -16,7 +16,7 @@ from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
 from goldsmith import lineage, runoutputs
-from goldsmith.build import Build, BuildError, Pending, backend_for
+from goldsmith.build import Build, BuildError, Pending, Reused, backend_for
 from goldsmith.template.loader import TemplateError, load_template
 from goldsmith.template.plan import BuildPlan, make_plan
 
@@ -35,13 +35,17 @@ class GoldsmithStepOperator(BaseOperator):
 
     def build(self, context: Context) -> Build:
         plan = BuildPlan.model_validate(context["ti"].xcom_pull(task_ids="plan"))
-        return Build(plan, context["dag"].dag_id, context["run_id"], dict(context["params"]), self.log)
+        return Build(plan, context["dag"].dag_id, context["run_id"], dict(context["params"]), self.log,
+                     context["ti"].xcom_pull(task_ids="plan", key="source") or {})
 
     def execute(self, context: Context) -> Any:
         build = self.build(context)
         while True:
             try:
                 return self.run_step(build, context)
+            except Reused as e:
+                self.log.info("%s", e)  # Airflow logs a skip without its message
+                raise AirflowSkipException(str(e)) from None
             except BuildError as e:
                 # Bad input or a refused operation: a retry would fail the same way. Anything else is retried.
                 raise AirflowFailException(str(e)) from None

@@ -22,6 +22,11 @@ class BuildError(Exception):
     """A build step failed for a reason the user can act on; the message says which and how."""
 
 
+class Reused(Exception):
+    """Raised by a step whose result a cached layer already holds (goldsmith.local.layers): the task shows as
+    skipped, with this message saying which layer from which run."""
+
+
 class Pending(Exception):
     """Raised by a step that started long operations (the azure backend): wait until `trigger` (an Airflow
     trigger) fires, then call the step again; it continues from what exists. `ids` is small JSON for XCom."""
@@ -38,6 +43,7 @@ class Build:
     run_id: str
     params: dict[str, Any] = field(default_factory=dict)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("goldsmith.build"))
+    source: dict[str, Any] = field(default_factory=dict)  # the plan's resolved source (`resolve_source`)
 
     @property
     def guid(self) -> str:

@@ -340,6 +340,9 @@ class GoldsmithOptions(Strict):
     rebuild: Literal["onChange", "always"] = Field(
         "onChange", description="onChange: a scheduled run skips when source, template and scripts are unchanged"
     )
+    reuseLayers: bool = Field(
+        True, description="start from cached step layers of earlier runs (local backend); never with rebuild 'always'"
+    )
     retries: Annotated[int, Field(ge=0, le=10)] = 2
     retryDelaySeconds: Annotated[int, Field(ge=1, le=3600)] = 30
     owner: str = "goldsmith"
