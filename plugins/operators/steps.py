@@ -16,7 +16,7 @@ from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
 from goldsmith import lineage, runoutputs
-from goldsmith.build import Build, BuildError, Pending, Reused, backend_for
+from goldsmith.core import Build, BuildError, Pending, Reused, backend_for, trigger_for
 from goldsmith.template.loader import TemplateError, load_template
 from goldsmith.template.plan import BuildPlan, make_plan
 
@@ -50,10 +50,11 @@ class GoldsmithStepOperator(BaseOperator):
                 # Bad input or a refused operation: a retry would fail the same way. Anything else is retried.
                 raise AirflowFailException(str(e)) from None
             except Pending as pending:
-                context["ti"].xcom_push(key="pending", value=pending.ids)
+                context["ti"].xcom_push(key="pending", value={"waiting_for": pending.what, **pending.wait})
+                trigger = trigger_for(pending.wait)
                 if self.deferrable:  # bounded like the task itself: a trigger never waits forever
-                    self.defer(trigger=pending.trigger, method_name="execute_complete", timeout=self.execution_timeout)
-                _check_event(asyncio.run(_first_event(pending.trigger)))
+                    self.defer(trigger=trigger, method_name="execute_complete", timeout=self.execution_timeout)
+                _check_event(asyncio.run(_first_event(trigger)))
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
         _check_event(event)

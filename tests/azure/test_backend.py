@@ -20,7 +20,7 @@ from azure.storage.blob import BlobServiceClient, ContainerSasPermissions, gener
 
 from goldsmith import runoutputs
 from goldsmith.azure.backend import AzureBackend
-from goldsmith.build import Build, BuildError, Pending
+from goldsmith.core import Build, BuildError, Pending, trigger_for
 from goldsmith.operators.steps import _first_event
 from goldsmith.template.loader import load_template
 from goldsmith.template.plan import make_plan
@@ -71,7 +71,7 @@ def drive(call: Callable[[], Any], pending: list[Pending] | None = None) -> Any:
         except Pending as p:
             if pending is not None:
                 pending.append(p)
-            event = asyncio.run(_first_event(p.trigger))
+            event = asyncio.run(_first_event(trigger_for(p.wait)))
             if event["status"] != "success":
                 raise RuntimeError(event["message"])
 
@@ -345,7 +345,7 @@ WORKER = """
 import asyncio, logging, sys
 logging.basicConfig(level=logging.INFO)
 from goldsmith.azure.backend import AzureBackend
-from goldsmith.build import Build, Pending
+from goldsmith.core import Build, Pending, trigger_for
 from goldsmith.operators.steps import _first_event
 from goldsmith.template.loader import load_template
 from goldsmith.template.plan import make_plan
@@ -357,8 +357,8 @@ while True:
         backend.provision(source)
         break
     except Pending as pending:
-        print("PENDING", pending.ids["waiting_for"], flush=True)
-        asyncio.run(_first_event(pending.trigger))
+        print("PENDING", pending.what, flush=True)
+        asyncio.run(_first_event(trigger_for(pending.wait)))
 """
 
 

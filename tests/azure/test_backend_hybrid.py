@@ -15,7 +15,7 @@ from test_backend import LOCATION, drive, env, images  # noqa: F401 - env and im
 from goldsmith import runoutputs
 from goldsmith.azure.hooks import AzureBuildHook
 from goldsmith.azure.publish import HybridBackend
-from goldsmith.build import Build, backend_for
+from goldsmith.core import Build, backend_for
 from goldsmith.local import disk
 from goldsmith.template.loader import load_template
 from goldsmith.template.plan import make_plan

@@ -15,7 +15,7 @@ from goldsmith.azure import arm
 from goldsmith.azure.backend import AzureBackend
 from goldsmith.azure.hooks import AzureBuildHook
 from goldsmith.azure.janitor import JANITOR_DAG_ID, sweep
-from goldsmith.build import Build
+from goldsmith.core import Build
 from goldsmith.dag_factory import build_dags
 from goldsmith.template.loader import load_template
 from goldsmith.template.plan import make_plan

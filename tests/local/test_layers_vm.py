@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from goldsmith.build import Build, BuildError, Reused
+from goldsmith.core import Build, BuildError, Reused
 from goldsmith.local import layers
 from goldsmith.local.backend import LocalBackend
 from goldsmith.local.gallery import LocalGallery

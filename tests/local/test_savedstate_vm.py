@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from goldsmith.build import Build
+from goldsmith.core import Build
 from goldsmith.communicator import CommunicatorError, SSHCommunicator
 from goldsmith.local import savedstate
 from goldsmith.local.backend import BUILD_USER, LocalBackend

@@ -2,8 +2,8 @@
 
 A build's resources live in its staging resource group (`IT_<rg>_<template>_<guid>`, or the template's
 `stagingResourceGroup`), under fixed names, so each step — in any process, on any try — finds what earlier
-steps and tries made. Long operations are started, then handed to the caller as `Pending` (a trigger to wait
-on); the step is called again when they end and continues from what exists. A few things ARM can't hold live
+steps and tries made. Long operations are started, then handed to the caller as `Pending` (a plain-JSON wait
+the operator waits on); the step is called again when they end and continues from what exists. A few things ARM can't hold live
 in a local staging directory `$GOLDSMITH_HOME/staging/<group>/`: the Linux build VM's ephemeral SSH key (a
 worker without it installs a new one through Run Command).
 """
@@ -25,14 +25,12 @@ from azure.storage.blob import BlobClient, BlobServiceClient
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from goldsmith import customizers, runoutputs
+from goldsmith import customizers, runoutputs, versions
 from goldsmith.azure import arm, windows
 from goldsmith.azure.arm import ResourceId, Wait
 from goldsmith.azure.hooks import AzureBuildHook, AzureSettingsError
-from goldsmith.azure.triggers import ArmWaitTrigger
-from goldsmith.build import Build, BuildError, Pending, destination_resource_group
+from goldsmith.core import Build, BuildError, Pending, destination_resource_group
 from goldsmith.communicator import CommunicatorError, SSHCommunicator
-from goldsmith.local.gallery import GalleryError, _check_version, _from_source, _next_latest
 from goldsmith.settings import goldsmith_home
 from goldsmith.template.plan import Step
 
@@ -131,10 +129,8 @@ class AzureBackend:
 
     def _pending(self, what: str, waits: list[Wait]) -> Pending:
         self.log.info("waiting for %s", what)
-        return Pending(
-            trigger=ArmWaitTrigger(self.hook.conn_id, [w.to_json() for w in waits], self.hook.settings.poll_interval),
-            ids={"waiting_for": what, "waits": [w.to_json() for w in waits]},
-        )
+        return Pending(what, {"trigger": "arm", "conn_id": self.hook.conn_id, "waits": [w.to_json() for w in waits],
+                              "poll_interval": self.hook.settings.poll_interval})
 
     def _wait_for(self, what: str, waits: list[Wait | None]) -> None:
         """Raise Pending for the waits that are not over yet (None: that one is)."""
@@ -208,7 +204,7 @@ class AzureBackend:
             if not listed:
                 raise BuildError(f"source: no versions of {urn} in {self.location}; check publisher, offer and sku "
                                  f"(az vm image list --location {self.location} --publisher {s.publisher} --all)")
-            version = max(listed, key=_version_key)
+            version = versions.highest(listed)
         try:
             image = images.get(self.location, s.publisher, s.offer, s.sku, version).as_dict()["properties"]
         except ResourceNotFoundError:
@@ -249,15 +245,15 @@ class AzureBackend:
         if definition is None:
             raise BuildError(f"source.imageVersionId: image definition '{definition_id}' does not exist")
         if rid.name.lower() == "latest":
-            versions = [v.as_dict() for v in clients.compute.gallery_image_versions.list_by_gallery_image(
+            listed = [v.as_dict() for v in clients.compute.gallery_image_versions.list_by_gallery_image(
                 rid.resource_group, *rid.names[:2])]
-            usable = [v for v in versions if arm.provisioning_state(v) == "Succeeded"
+            usable = [v for v in listed if arm.provisioning_state(v) == "Succeeded"
                       and not v["properties"].get("publishingProfile", {}).get("excludeFromLatest")
                       and self._replicated_here(v)]
             if not usable:
                 raise BuildError(f"source.imageVersionId: '{definition_id}' has no version usable as latest in "
                                  f"{self.location} (succeeded, not excludeFromLatest, replicated there)")
-            version = max(usable, key=lambda v: _version_key(v["name"]))
+            version = max(usable, key=lambda v: versions.key(v["name"]))
         else:
             version = arm.get(clients, rid)
             if version is None:
@@ -771,9 +767,9 @@ class AzureBackend:
             raise BuildError(f"{field}: image definition '{definition}' does not exist; create it first "
                              "(az sig image-definition create ...)")
         self._check_definition(field, found["properties"], source)
-        versions = [v.as_dict() for v in clients.compute.gallery_image_versions.list_by_gallery_image(
+        listed = [v.as_dict() for v in clients.compute.gallery_image_versions.list_by_gallery_image(
             rid.resource_group, *rid.names[:2])]
-        mine = next((v for v in versions if self._ours(v.get("tags"))), None)
+        mine = next((v for v in listed if self._ours(v.get("tags"))), None)
         if mine is not None:
             state = arm.provisioning_state(mine)
             if state == "Succeeded":
@@ -784,7 +780,7 @@ class AzureBackend:
             self.log.warning("image version %s is Failed after an earlier try: publishing it again", mine["name"])
             number = mine["name"]
         else:
-            number = self._version_number(d, rid, [v["name"] for v in versions], source)
+            number = self._version_number(d, rid, [v["name"] for v in listed], source)
         regions = [{"name": r.name, "regionalReplicaCount": r.replicaCount, "storageAccountType": r.storageAccountType}
                    for r in d.targetRegions or []] or [
             {"name": r, "regionalReplicaCount": 1, "storageAccountType": d.storageAccountType or "Standard_LRS"}
@@ -813,25 +809,12 @@ class AzureBackend:
                              f"{source.get('hyperVGeneration')}; use a definition of the source's generation")
 
     def _version_number(self, d: Any, rid: ResourceId, taken: list[str], source: dict[str, Any]) -> str:
-        """AIB's numbering: the run's explicit version, a `.../versions/x.y.z` id, the versioning scheme."""
-        explicit = self.build.params.get("galleryImageVersion")
         try:
-            if explicit:
-                number, origin = _check_version(explicit, "galleryImageVersion"), "explicit version"
-            elif len(rid.names) == 3:
-                number, origin = _check_version(rid.name, "the version in galleryImageId"), "galleryImageId"
-            elif d.versioning is not None and d.versioning.scheme == "Source":
-                number, origin = _from_source(source.get("exactVersion")), "versioning Source"
-            else:
-                major = d.versioning.major if d.versioning is not None else -1
-                valid = [v for v in taken if re.fullmatch(r"\d+\.\d+\.\d+", v)]
-                return _next_latest(valid, major)
-        except GalleryError as e:
+            return versions.choose(explicit=self.build.params.get("galleryImageVersion"),
+                                   in_id=rid.name if len(rid.names) == 3 else None, versioning=d.versioning,
+                                   source_version=source.get("exactVersion"), taken=taken)[0]
+        except versions.VersionError as e:
             raise BuildError(f"distribute.{d.runOutputName}: {e}") from None
-        if number in taken:
-            raise BuildError(f"distribute.{d.runOutputName}: image version {number} already exists ({origin}); AIB "
-                             "never overwrites a version: publish a new number or delete that version first")
-        return number
 
     def _distribute_vhd(self, d: Any) -> str:
         blob, account_id = self._vhd_target(d)
@@ -968,7 +951,3 @@ class AzureBackend:
 
 def _run_command_name(key: str) -> str:
     return "goldsmith-" + re.sub(r"[^A-Za-z0-9_-]+", "-", key).strip("-")[:70]
-
-
-def _version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(p) if p.isdigit() else -1 for p in version.split("."))

@@ -18,7 +18,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobClient
 
 from goldsmith.azure.backend import AzureBackend
-from goldsmith.build import Build, BuildError, azure_vhd_target
+from goldsmith.core import Build, BuildError, azure_vhd_target
 from goldsmith.local import disk
 from goldsmith.local.backend import LocalBackend
 from goldsmith.template.plan import Step

@@ -16,7 +16,7 @@ import re
 from typing import Any, Callable
 
 from goldsmith import customizers
-from goldsmith.build import BuildError
+from goldsmith.core import BuildError
 
 Run = Callable[[str, str], dict[str, Any]]
 

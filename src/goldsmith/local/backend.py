@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from goldsmith import customizers, runoutputs
-from goldsmith.build import Build, BuildError, Reused
+from goldsmith.core import Build, BuildError, Reused
 from goldsmith.communicator import CommunicatorError, SSHCommunicator
 from goldsmith.local import baseimage, catalog, disk, layers, qemu, savedstate, vmsizes
 from goldsmith.local.gallery import GalleryError, LocalGallery

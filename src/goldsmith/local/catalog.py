@@ -27,9 +27,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from goldsmith.versions import key as version_order
 
 DEFAULT_CATALOG = Path(__file__).resolve().parents[3] / "include" / "platform-catalog.json"
 
@@ -124,7 +127,7 @@ def _pick_version(image: dict[str, Any], sku: str, version: str, path: Path) -> 
         recipe = image["recipe"]
         versions = [recipe.version]
     else:
-        versions = sorted(image["versions"], key=_version_key)
+        versions = sorted(image["versions"], key=version_order)
     if version.lower() == "latest":
         exact = versions[-1]
     elif version in versions:
@@ -139,10 +142,6 @@ def _pick_version(image: dict[str, Any], sku: str, version: str, path: Path) -> 
         return CatalogEntry(kind="recipe", recipe=image["recipe"], **common)
     source = image["versions"][exact]
     return CatalogEntry(kind="url", url=source["url"], sha256=source["sha256"].lower(), **common)
-
-
-def _version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version.split("."))
 
 
 def load_catalog(path: Path = DEFAULT_CATALOG) -> list[dict[str, Any]]:
@@ -177,10 +176,8 @@ def _check_image(image: Any, where: str) -> dict[str, Any]:
         raise CatalogError(f"{where}.versions: expected an object mapping version -> {{url, sha256}}")
     for version, source in versions.items():
         here = f"{where}.versions[{version!r}]"
-        try:
-            _version_key(version)
-        except ValueError:
-            raise CatalogError(f"{here}: a version is dotted integers, like 22.04.202505160") from None
+        if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", version):
+            raise CatalogError(f"{here}: a version is dotted integers, like 22.04.202505160")
         if not isinstance(source, dict) or not isinstance(source.get("url"), str):
             raise CatalogError(f"{here}.url: required, a string")
         sha = source.get("sha256")

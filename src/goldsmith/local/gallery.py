@@ -51,6 +51,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+from goldsmith import versions
 from goldsmith.settings import goldsmith_home
 from goldsmith.template.model import LatestVersioner, SourceVersioner, TargetRegion
 
@@ -69,9 +70,7 @@ SHAPES = {
 }
 # Characters ARM allows in resource group, gallery and image names; also keeps each one a single safe path part.
 _NAME = re.compile(r"[A-Za-z0-9_()-][A-Za-z0-9._()-]*")
-_VERSION = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
 _LABELS = {"subscriptions": "subscription", "resourcegroups": "resource group", "galleries": "gallery", "images": "image"}
-_INT32_MAX = 2**31 - 1
 _QCOW2_MAGIC = b"QFI\xfb"
 _FICLONE = 0x40049409  # linux/fs.h: share the source's extents (btrfs, XFS) instead of copying bytes
 
@@ -155,7 +154,10 @@ def parse_id(artifact_id: str) -> ArmId:
         return ArmId(subscription, group, image=values[3])
     version = values[5] if len(values) > 5 else None
     if version is not None:
-        version = "latest" if version.lower() == "latest" else _check_version(version, f"'{artifact_id}': version")
+        try:
+            version = "latest" if version.lower() == "latest" else versions.check(version, f"'{artifact_id}': version")
+        except versions.VersionError as e:
+            raise GalleryError(str(e)) from None
     return ArmId(subscription, group, gallery=values[3], definition=values[4], version=version)
 
 
@@ -165,55 +167,6 @@ def _expect(artifact_id: str, purpose: str, *kinds: str) -> ArmId:
         shapes = "\n  ".join(SHAPES[kind] for kind in kinds)
         raise GalleryError(f"'{artifact_id}' is a {ref.kind} id, but {purpose} needs:\n  {shapes}")
     return ref
-
-
-def _check_version(version: str, what: str) -> str:
-    match = _VERSION.fullmatch(version)
-    if not match or any(int(part) > _INT32_MAX for part in match.groups()):
-        raise GalleryError(
-            f"{what} '{version}' is not a gallery image version: use major.minor.patch, "
-            "32-bit integers without leading zeros (e.g. 1.0.0)"
-        )
-    return version
-
-
-def _key(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version.split("."))
-
-
-def _next_latest(existing: Iterable[str], major: int) -> str:
-    """AIB's Latest scheme: one patch above the highest version (the highest with `major`, when major >= 0).
-
-    AIB documents the increment but not the first version; we start a new major at major.0.0, and an empty
-    gallery (major unset or 0) at 0.0.1, as 0.0.0 reads as "no version".
-    """
-    candidates = [_key(v) for v in existing if major < 0 or _key(v)[0] == major]
-    if not candidates:
-        return f"{major}.0.0" if major > 0 else "0.0.1"
-    top = max(candidates)
-    return f"{top[0]}.{top[1]}.{top[2] + 1}"
-
-
-def _from_source(source_version: str | None) -> str:
-    """AIB's Source scheme: the source image's version, which must be major.minor.patch of integers."""
-    if not source_version:
-        raise GalleryError(
-            "versioning scheme 'Source' names the version after the source image's version, but none was given "
-            "(only PlatformImage and SharedImageVersion sources have one); use scheme 'Latest' or an explicit version"
-        )
-    parts = source_version.split(".")
-    if len(parts) != 3 or not all(re.fullmatch(r"[0-9]+", p) and int(p) <= _INT32_MAX for p in parts):
-        raise GalleryError(
-            f"versioning scheme 'Source': the source version '{source_version}' is not major.minor.patch of "
-            "32-bit integers, so it can't name a gallery image version; use scheme 'Latest' or an explicit version"
-        )
-    # Platform versions carry leading zeros ("22.04.202401010"); the gallery version is the integers.
-    return ".".join(str(int(p)) for p in parts)
-
-
-def _region(name: str) -> str:
-    """Azure's canonical region name: 'East US' -> 'eastus'."""
-    return name.replace(" ", "").lower()
 
 
 def _region_storage_from_env() -> dict[str, Path]:
@@ -328,7 +281,7 @@ class LocalGallery:
     def __init__(self, root: Path | None = None, region_storage: Mapping[str, str | Path] | None = None):
         self.root = Path(root) if root is not None else goldsmith_home() / "gallery"
         mapping = _region_storage_from_env() if region_storage is None else region_storage
-        self.region_storage = {_region(name): Path(path).expanduser() for name, path in mapping.items()}
+        self.region_storage = {versions.region(name): Path(path).expanduser() for name, path in mapping.items()}
         for name, path in self.region_storage.items():
             if not path.is_absolute() or path.resolve() == self.root.resolve():
                 raise GalleryError(
@@ -365,8 +318,6 @@ class LocalGallery:
                 f"'{galleryImageId}': can't publish to 'versions/latest'; name a new version (x.y.z) "
                 "or give the image definition id to number versions automatically"
             )
-        if version is not None:
-            version = _check_version(version, "the explicit version")
         disk = Path(disk)
         _check_publish_inputs(disk, provenance, run_key)
         regions = [_target_region(region) for region in target_regions]
@@ -376,22 +327,13 @@ class LocalGallery:
             for record in existing:
                 if record.metadata.get("runKey") == run_key:
                     return record
-            taken = {record.version for record in existing}
-            if version is not None:
-                number, origin = version, "explicit version"
-            elif ref.version is not None:
-                number, origin = ref.version, "galleryImageId"
-            elif isinstance(versioning, SourceVersioner):
-                number, origin = _from_source(source_version), "versioning Source"
-            else:
-                major = versioning.major if versioning is not None else -1
-                number, origin = _next_latest(taken, major), "versioning Latest"
+            try:
+                number, origin = versions.choose(
+                    explicit=version, in_id=ref.version, versioning=versioning, source_version=source_version,
+                    taken={record.version for record in existing}, named=lambda n: f"'{replace(definition, version=n)}'")
+            except versions.VersionError as e:
+                raise GalleryError(str(e)) from None
             target = replace(definition, version=number)
-            if number in taken:
-                raise GalleryError(
-                    f"image version '{target}' already exists ({origin}); AIB never overwrites a version: "
-                    "publish a new version number, or delete this one first"
-                )
             metadata = {
                 "id": str(target),
                 "type": VERSION_TYPE,
@@ -495,7 +437,7 @@ class LocalGallery:
 
     def _replicate(self, ref: ArmId, disk: Path, region: str, replicas: list[Path]) -> Path | None:
         """Put a replica in the region's storage, if it has one; returns its path."""
-        storage = self.region_storage.get(_region(region))
+        storage = self.region_storage.get(versions.region(region))
         if storage is None:
             return None
         replica = storage.joinpath(*ref.parts())
@@ -584,7 +526,7 @@ class LocalGallery:
             metadata = _read_metadata(directory)
             if metadata is not None:
                 records.append(VersionRecord(metadata["id"], metadata["version"], directory / DISK, metadata))
-        return sorted(records, key=lambda record: _key(record.version))
+        return sorted(records, key=lambda record: versions.key(record.version))
 
     def _definitions(self) -> dict[str, list[VersionRecord]]:
         """Definition id -> its versions, for every definition that has a version."""

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from goldsmith.communicator import SSHCommunicator
-from goldsmith.local import disk, qemu
+from goldsmith.local import baseimage, disk, qemu
 from goldsmith.settings import goldsmith_cache
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def _save(state: SavedState, base: Path, vcpus: int, memory_mib: int) -> None:
         with SSHCommunicator("127.0.0.1", vm.port, STATE_USER, state.key) as comm:
             comm.wait_until_ready(READY_TIMEOUT)
             # Its later boots (a build's reboot step) skip cloud-init, as a cold-booted build VM's do.
-            _check(comm.run("sudo -n touch /etc/goldsmith-build-vm && sync"), "marking the build VM")
+            _check(comm.run(f"sudo -n touch {baseimage.BUILD_VM_MARKER} && sync"), "marking the build VM")
         booted = time.monotonic() - started
         qemu.qmp(root, "stop")
         partial = root / "state.bin.partial"

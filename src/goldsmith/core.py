@@ -1,11 +1,18 @@
-"""What every build step knows about its run, and the interface each backend implements.
+"""The backend-neutral core: what every build step knows about its run, the contract each backend implements,
+and the registry that names the backends and the triggers their waits need.
 
 A step runs in its own process (an Airflow task), maybe on another worker: it gets the plan from XCom and
 finds everything else in the staging area by deterministic name, so a retry adopts what an earlier try made.
+
+The core imports no backend and no Airflow (tests/test_import_graph.py): the registry names the parts by
+module path, imported when a build needs them. A step that started long operations raises `Pending` with a
+plain-JSON wait; the operator turns it into an Airflow trigger with `trigger_for`, so no backend step imports
+Airflow either.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 import uuid
@@ -16,6 +23,18 @@ from goldsmith.template.plan import BuildPlan, Step
 
 _STAGING_NAMESPACE = uuid.UUID("8f4c2d0e-6a43-4a57-9d55-0b5d2a1e7c11")
 _RG_IN_ID = re.compile(r"/resourceGroups/([^/]+)/", re.IGNORECASE)
+
+# The registry: a backend name (the template's `goldsmith.backend`, or a composition) -> its class, and a
+# wait's `trigger` name -> the Airflow trigger that waits on it; "module:attribute", imported on use.
+BACKENDS: dict[str, str] = {
+    "local": "goldsmith.local.backend:LocalBackend",
+    "azure": "goldsmith.azure.backend:AzureBackend",
+    # Build locally, publish to Azure: a local template whose VHD target is a blob URL.
+    "local+azure": "goldsmith.azure.publish:HybridBackend",
+}
+TRIGGERS: dict[str, str] = {
+    "arm": "goldsmith.azure.triggers:ArmWaitTrigger",
+}
 
 
 class BuildError(Exception):
@@ -28,12 +47,26 @@ class Reused(Exception):
 
 
 class Pending(Exception):
-    """Raised by a step that started long operations (the azure backend): wait until `trigger` (an Airflow
-    trigger) fires, then call the step again; it continues from what exists. `ids` is small JSON for XCom."""
+    """Raised by a step that started long operations: wait until `wait` is over, then call the step again; it
+    continues from what exists. `wait` is plain JSON (it goes to XCom): {"trigger": a TRIGGERS name, **the
+    trigger's keyword arguments}."""
 
-    def __init__(self, trigger: Any, ids: dict[str, Any]):
-        super().__init__(ids.get("waiting_for", "long operations"))
-        self.trigger, self.ids = trigger, ids
+    def __init__(self, what: str, wait: dict[str, Any]):
+        super().__init__(what)
+        self.what, self.wait = what, wait
+
+
+def trigger_for(wait: dict[str, Any]) -> Any:
+    """The Airflow trigger that fires when `wait` (a Pending's) is over."""
+    kwargs = dict(wait)
+    return load(TRIGGERS, kwargs.pop("trigger"))(**kwargs)
+
+
+def load(registry: dict[str, str], name: str) -> Any:
+    if name not in registry:
+        raise BuildError(f"'{name}' is not one of {', '.join(sorted(registry))} in this installation")
+    module, _, attribute = registry[name].partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 @dataclass(frozen=True)
@@ -92,17 +125,13 @@ def azure_vhd_target(plan: BuildPlan) -> Any | None:
                  if d.type == "VHD" and (d.uri or "").startswith(("https://", "http://"))), None)
 
 
+def backend_name(plan: BuildPlan) -> str:
+    name = plan.options.backend
+    return "local+azure" if name == "local" and azure_vhd_target(plan) else name
+
+
 def backend_for(build: Build) -> Backend:
-    if build.plan.options.backend == "local":
-        if azure_vhd_target(build.plan):
-            from goldsmith.azure.publish import HybridBackend
-
-            return HybridBackend(build)
-        from goldsmith.local.backend import LocalBackend
-
-        return LocalBackend(build)
-    if build.plan.options.backend == "azure":
-        from goldsmith.azure.backend import AzureBackend
-
-        return AzureBackend(build)
-    raise BuildError(f"backend '{build.plan.options.backend}' is not available in this installation yet")
+    name = backend_name(build.plan)
+    if name not in BACKENDS:
+        raise BuildError(f"backend '{name}' is not available in this installation yet")
+    return load(BACKENDS, name)(build)
