@@ -79,12 +79,15 @@ def test_a_failed_build_cleared_over_rest_resumes_from_its_layer_and_the_next_ru
     first_layer = cache.entries()[0]["key"]
 
     with socket.create_server(("127.0.0.1", port)):  # the mirror is back
+        # As the UI's "Clear" of the failed task: with its downstream, so Airflow also runs the staging area's
+        # setup and teardown (prepare_staging, cleanup_staging) again.
         api.post("/dags/layered-live/clearTaskInstances", {
-            "dry_run": False, "dag_run_id": run_id, "task_ids": ["customize.1_two"], "only_failed": True,
+            "dry_run": False, "dag_run_id": run_id, "task_ids": ["customize.1_two"], "only_failed": False,
             "include_downstream": True, "reset_dag_runs": True})
         api.wait_for_run("layered-live", run_id, BUILD_TIMEOUT)
         tis = task_instances(api, run_id)
         assert tis["customize.0_one"]["try_number"] == 1 and tis["provision"]["try_number"] == 1  # not run again
+        assert tis["cleanup_staging"]["try_number"] == 2 and not any((home / "staging").iterdir())
         log = api.task_log("layered-live", run_id, "customize.1_two", tis["customize.1_two"]["try_number"])
         assert "resuming from the cached layer of customize.0_one" in log, log[-3000:]
         image = LocalGallery(home / "gallery").resolve_managed_image(IMAGE)

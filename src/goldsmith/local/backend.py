@@ -205,7 +205,9 @@ class LocalBackend:
 
     def _step_session(self, step: Step) -> tuple[qemu.VMState, SSHCommunicator, int]:
         """The VM with its disk as the step before `step` left it, booted from a layer if need be."""
-        self._require_staging()
+        if not (self.staging / MARKER).exists():  # cleared without its setup ("clear failed"): resume all the same
+            self.log.warning("no staging area (cleanup_staging removed it): making it again to resume")
+            self.prepare_staging()
         chain = layers.StagingChain(self.staging)
         position = layers.layered_steps(self.build.plan).index(step)
         if position < len(chain.state["reused"]):
