@@ -26,7 +26,9 @@ BUILD_TIMEOUT = 30 * 60  # a boot is 1.5-5 min under emulation, with other VMs o
 
 
 def write_template(path: Path, port: int, last: str) -> None:
-    path.write_text(json.dumps({"location": "westeurope", "goldsmith": {"retries": 0}, "properties": {
+    # Retries only for a task the loaded host failed to start: a failing customizer fails at once (BuildError).
+    options = {"retries": 2, "retryDelaySeconds": 5}
+    path.write_text(json.dumps({"location": "westeurope", "goldsmith": options, "properties": {
         "vmProfile": {"vmSize": "Standard_D2s_v3"},
         "source": {"type": "PlatformImage", "publisher": "Debian", "offer": "debian-12", "sku": "12",
                    "version": "latest"},

@@ -37,7 +37,7 @@ from goldsmith.template.plan import Step
 
 BUILD_USER = "goldsmith"
 MARKER = ".goldsmith-staging"
-SSH_READY_TIMEOUT = 600  # seconds: boot to SSH under software emulation takes 60-90 s, cloud-init more
+SSH_READY_TIMEOUT = 1200  # seconds: boot to SSH under emulation takes 60-90 s idle, over 10 min on a loaded host
 READY = "ready"  # holds the started_at of the QEMU whose guest answered SSH with cloud-init done
 QUICK_CONNECT_TIMEOUT = 30  # seconds for a guest known to be up to accept a connection
 
