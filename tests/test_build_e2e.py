@@ -6,8 +6,10 @@ The Debian base image comes from the platform catalog's bootstrap recipe, cached
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -19,6 +21,9 @@ from goldsmith.local import disk
 pytestmark = [pytest.mark.vm, pytest.mark.airflow]
 
 GOLDSMITH = str(Path(AIRFLOW).with_name("goldsmith"))
+# goldsmith.secrets: served by Airflow's environment-variable secrets backend; no trace may remain anywhere.
+SECRET_VAR = "var-s3cret-Qx7mZ2"
+SECRET_CONN = "conn-s3cret-Kp4wN9"
 GALLERY = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/golden/providers/Microsoft.Compute"
 BASE_DEF = f"{GALLERY}/galleries/e2e_gallery/images/e2e-base"
 
@@ -43,7 +48,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "customize": [
             {"type": "Shell", "name": "write marker", "inline": [
                 "echo 'customized by goldsmith' | sudo tee /etc/goldsmith-e2e",
-                "echo streamed-output-line"]},
+                "echo streamed-output-line",
+                "echo \"token: $APP_TOKEN\"",  # printed on purpose: the task log must show it masked
+                "printf %s \"$APP_TOKEN:$DB_PASSWORD\" | sha256sum | sudo tee /etc/goldsmith-secret-hash"]},
             {"type": "File", "name": "payload", "sourceUri": payload.as_uri(), "destination": "/tmp/payload.txt"},
             {"type": "Shell", "name": "reboot", "inline": [
                 "sudo mv /tmp/payload.txt /etc/goldsmith-payload", "sudo systemctl reboot"]},
@@ -57,7 +64,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             {"type": "ManagedImage", "runOutputName": "managed", "location": "westeurope",
              "imageId": f"{GALLERY}/images/e2e-base"},
         ],
-    })
+    }, secrets={"APP_TOKEN": {"variable": "app_token"}, "DB_PASSWORD": {"connection": "app_db"}})
     write_template(templates, "e2e-failing", {
         "vmProfile": {"vmSize": "Standard_D2s_v3"},
         "source": {"type": "SharedImageVersion", "imageVersionId": f"{BASE_DEF}/versions/latest"},
@@ -66,6 +73,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "distribute": [{"type": "VHD", "runOutputName": "vhd"}],
     })
     e = airflow_environ(root / "airflow", templates, root / "home")
+    e["AIRFLOW_VAR_APP_TOKEN"] = SECRET_VAR
+    e["AIRFLOW_CONN_APP_DB"] = json.dumps({"conn_type": "generic", "login": "app", "password": SECRET_CONN})
     e["AIRFLOW__OPENLINEAGE__TRANSPORT"] = json.dumps(
         {"type": "file", "log_file_path": str(root / "openlineage.jsonl"), "append": True})
     # The listener emits from a forked process it kills after 10 s by default: too short on a loaded 2-core host.
@@ -82,6 +91,10 @@ def dags_test(env: dict[str, str], dag_id: str, conf: dict | None = None) -> sub
     log.write_text(result.stdout + result.stderr)
     print(f"dags test {dag_id}: exit {result.returncode}, log {log}")
     return result
+
+
+def log_of(result: subprocess.CompletedProcess) -> str:
+    return result.stdout + result.stderr
 
 
 def qemu_processes(home: Path) -> list[str]:
@@ -151,6 +164,18 @@ def test_build_customize_reboot_validate_and_distribute_everywhere(env: dict[str
     assert [(d["namespace"], d["name"]) for d in done["outputs"]] == [("arm", BASE_DEF.lower())]
     facet = done["run"]["facets"]["goldsmith_image"]
     assert facet["artifactId"] == version["id"] and facet["sourceExactVersion"] == prov["source"]["exactVersion"]
+
+    # The secrets reached the script (the image holds their hash) and left no trace: not in the task logs
+    # (masked), the XCom table, run outputs, gallery records, OpenLineage events or any file the build wrote.
+    expected_hash = hashlib.sha256(f"{SECRET_VAR}:{SECRET_CONN}".encode()).hexdigest()
+    assert read_file_from_image(image, "/etc/goldsmith-secret-hash", tmp_path).split()[0] == expected_hash
+    assert "token: ***" in log_of(result)
+    xcom = sqlite3.connect(Path(env["AIRFLOW_HOME"]) / "airflow.db").execute("SELECT value FROM xcom").fetchall()
+    assert xcom and not any(secret in str(row) for row in xcom for secret in (SECRET_VAR, SECRET_CONN))
+    for secret in (SECRET_VAR, SECRET_CONN):
+        assert secret not in log_of(result)
+        leaks = subprocess.run(["grep", "-rlaF", secret, str(root), str(home)], capture_output=True, text=True)
+        assert leaks.stdout == "", leaks.stdout
 
 
 def test_failing_customizer_fails_its_task_and_abort_keeps_the_vm(env: dict[str, str]) -> None:

@@ -92,9 +92,18 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_state() -> None:
+    """Damaged state files are named (exit 1) before a command trips over them."""
+    from goldsmith import statecheck
+    from goldsmith.settings import goldsmith_home
+
+    statecheck.check(goldsmith_home())
+
+
 def cmd_run_outputs(args: argparse.Namespace) -> int:
     from goldsmith import runoutputs
 
+    _check_state()
     try:
         run_id, outputs = runoutputs.list_outputs(args.template, args.run_id)
     except runoutputs.RunOutputsError as e:
@@ -114,6 +123,7 @@ def cmd_run_outputs(args: argparse.Namespace) -> int:
 def cmd_gallery_list(args: argparse.Namespace) -> int:
     from goldsmith.local.gallery import LocalGallery
 
+    _check_state()
     entries = LocalGallery().list()
     if args.json:
         print(json.dumps(entries, indent=2))
@@ -132,6 +142,7 @@ def cmd_gallery_list(args: argparse.Namespace) -> int:
 def cmd_lineage(args: argparse.Namespace) -> int:
     from goldsmith import lineage
 
+    _check_state()
     found = lineage.artifacts()
     try:
         result = lineage.ancestry(lineage.find(args.image, found), found)
@@ -156,6 +167,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 def cmd_outdated(args: argparse.Namespace) -> int:
     from goldsmith import lineage
 
+    _check_state()
     stale = lineage.outdated()
     if args.json:
         print(json.dumps(stale, indent=2))
@@ -166,6 +178,36 @@ def cmd_outdated(args: argparse.Namespace) -> int:
               f"trigger DAG {s['dagId']}")
         for artifact in s["artifacts"]:
             print(f"    {artifact}")
+    return 0
+
+
+def cmd_sbom(args: argparse.Namespace) -> int:
+    from goldsmith import changes, lineage, sbom
+
+    try:
+        doc = changes.load_sbom(lineage.find(args.image, lineage.artifacts()))
+    except (LookupError, changes.ChangesError) as e:
+        print(f"goldsmith: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(sbom.spdx(doc) if args.format == "spdx" else doc, indent=2))
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from goldsmith import changes, lineage
+
+    found = lineage.artifacts()
+    try:
+        old, new = lineage.find(args.old, found), lineage.find(args.new, found)
+        if args.json:
+            from goldsmith import sbom
+
+            print(json.dumps(sbom.diff(changes.load_sbom(old), changes.load_sbom(new)).as_dict(), indent=2))
+            return 0
+    except (LookupError, changes.ChangesError) as e:
+        print(f"goldsmith: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(changes.describe(old, new)))
     return 0
 
 
@@ -232,6 +274,16 @@ def parser() -> argparse.ArgumentParser:
     od = sub.add_parser("outdated", help="images whose source has a newer version, with the DAG to trigger")
     od.add_argument("--json", action="store_true")
     od.set_defaults(func=cmd_outdated)
+    sb = sub.add_parser("sbom", help="the SBOM of an image version (CycloneDX 1.5 JSON, or SPDX 2.3)")
+    sb.add_argument("image", metavar="IMAGE[@VERSION]", help="a template name (optionally @version) or an artifact id")
+    sb.add_argument("--format", choices=("cyclonedx", "spdx"), default="cyclonedx")
+    sb.set_defaults(func=cmd_sbom)
+    df = sub.add_parser("diff", help="packages added, removed and upgraded between two image versions, and what "
+                                     "else changed (source version, template and scripts)")
+    df.add_argument("old", metavar="IMAGE@A")
+    df.add_argument("new", metavar="IMAGE@B")
+    df.add_argument("--json", action="store_true", help="only the package changes, as JSON")
+    df.set_defaults(func=cmd_diff)
     g = sub.add_parser("gallery", help="the local gallery")
     gs = g.add_subparsers(dest="gallery_command", required=True)
     gl = gs.add_parser("list", help="image definitions, versions and managed images, with their provenance")
@@ -250,12 +302,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from goldsmith.statecheck import StateError
+
     args = parser().parse_args(argv)
     try:
         return args.func(args)
     except UsageError as e:
         print(f"goldsmith: {e}", file=sys.stderr)
         return 2
+    except StateError as e:
+        print(f"goldsmith: damaged state files:\n{e}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `goldsmith render x | head`
         return 0
 

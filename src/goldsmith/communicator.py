@@ -301,9 +301,11 @@ class SSHCommunicator:
         log.info("%s: upload %d bytes to %s", self, len(data), remote_path)
         with self._sftp() as sftp:
             try:
-                sftp.putfo(io.BytesIO(data), remote_path)
-                if mode is not None:
-                    sftp.chmod(remote_path, mode)
+                with sftp.open(remote_path, "wb") as f:
+                    if mode is not None:  # before the content: a secret file is never readable by others
+                        f.chmod(mode)
+                    f.set_pipelined(True)
+                    f.write(data)
             except FileNotFoundError as e:
                 raise FileNotFoundError(e.errno, f"{remote_path}: no such directory on {self.host}") from e
             except PermissionError as e:
@@ -328,3 +330,23 @@ def _with_env(command: str, env: Mapping[str, str]) -> str:
             raise ValueError(f"environment variable name {name!r} is not a valid shell identifier")
     exports = "".join(f"export {name}={shlex.quote(value)}; " for name, value in env.items())
     return exports + command
+
+
+def create_build_key(key: Path) -> None:
+    """An ed25519 key pair for one build at `key` (and `key`.pub), unless it exists. The private key is created
+    0600 (O_EXCL: never readable by others, not even before a chmod) and renamed into place whole, so a retry
+    finds either no key or a complete one."""
+    if key.exists():
+        return
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    private = Ed25519PrivateKey.generate()
+    tmp = key.with_suffix(f".tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    key.with_suffix(".pub").write_bytes(private.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b" goldsmith-build\n")
+    tmp.rename(key)

@@ -16,6 +16,7 @@ import importlib
 import logging
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -76,6 +77,8 @@ class Build:
     run_id: str
     params: dict[str, Any] = field(default_factory=dict)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("goldsmith.build"))
+    # goldsmith.secrets, resolved (and masked) by the customize/validate task that needs them; never in XCom.
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
     source: dict[str, Any] = field(default_factory=dict)  # the plan's resolved source (`resolve_source`)
 
     @property

@@ -19,7 +19,6 @@ import hashlib
 import logging
 import posixpath
 import re
-import secrets
 import shlex
 import time
 import urllib.error
@@ -28,6 +27,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.client import HTTPException
+from secrets import token_hex
 
 from goldsmith.communicator import SSHCommunicator
 
@@ -160,8 +160,12 @@ def run_shell(
     name: str,
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
+    secrets: Mapping[str, str] | None = None,
 ) -> ShellOutcome:
     """The Shell customizer: upload the script to /tmp, run it as the build user.
+
+    `secrets` become environment variables through a 0600 file that the command sources and deletes before the
+    script starts: their values are on no command line (`ps`, the communicator's log) and on no disk afterwards.
 
     Raises CustomizerFailed (exit code and output tail) when it exits non-zero, FetchError or
     ChecksumMismatch when scriptUri cannot be had. The script is removed after success and kept
@@ -175,9 +179,14 @@ def run_shell(
         script = ("#!/bin/sh -e\n" + "\n".join(inline) + "\n").encode()
     else:
         script = fetch(script_uri, sha256)
-    path = f"/tmp/goldsmith-{_slug(name)}-{secrets.token_hex(4)}.sh"  # the slug needs no shell quoting
+    path = f"/tmp/goldsmith-{_slug(name)}-{token_hex(4)}.sh"  # the slug needs no shell quoting
     comm.upload(script, path, mode=0o700)
-    result = comm.run(f"{path} && rm -f {path}", on_line=on_line, env=env, timeout=timeout)
+    command = f"{path} && rm -f {path}"
+    if secrets:
+        env_file = f"{path[:-3]}.env"
+        comm.upload(_env_file(secrets), env_file, mode=0o600)
+        command = f"set -a; . {env_file}; rm -f {env_file}; set +a; {command}"
+    result = comm.run(command, on_line=on_line, env=env, timeout=timeout)
     if result.disconnected:
         log.info("Shell %r: the connection dropped before the script exited: treating it as a reboot", name)
         return ShellOutcome(None, result.tail, rebooted=True)
@@ -196,12 +205,13 @@ def run_validator_shell(
     name: str,
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
+    secrets: Mapping[str, str] | None = None,
 ) -> ShellOutcome:
     """The Shell validator: run_shell, but every failure raises ValidationFailed, a dropped
     connection included: a validator checks the VM, and without an exit status there is no verdict."""
     try:
         outcome = run_shell(comm, inline=inline, script_uri=script_uri, sha256=sha256, on_line=on_line,
-                            name=name, env=env, timeout=timeout)
+                            name=name, env=env, timeout=timeout, secrets=secrets)
     except CustomizerFailed as e:
         raise ValidationFailed(name, e.exit_code, e.tail) from e
     except CustomizerError as e:
@@ -209,6 +219,13 @@ def run_validator_shell(
     if outcome.rebooted:
         raise ValidationFailed(name, None, outcome.tail, reason="lost the connection before it exited")
     return outcome
+
+
+def _env_file(values: Mapping[str, str]) -> bytes:
+    for name in values:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError(f"secret name {name!r} is not a valid environment variable name")
+    return "".join(f"{name}={shlex.quote(value)}\n" for name, value in values.items()).encode()
 
 
 def _slug(name: str) -> str:
@@ -251,8 +268,10 @@ def run_validator_file(comm: SSHCommunicator, *, source_uri: str, destination: s
 # -- a template's Linux steps, by type (what every backend's SSH path runs) -------------------------------
 
 
-def run_linux_customizer(comm: SSHCommunicator, customizer, *, name: str, on_line: Callable[[str], None]) -> bool:
-    """A Shell or File customizer (the template model's object); True when the guest is rebooting after it."""
+def run_linux_customizer(comm: SSHCommunicator, customizer, *, name: str, on_line: Callable[[str], None],
+                         secrets: Mapping[str, str] | None = None) -> bool:
+    """A Shell or File customizer (the template model's object); True when the guest is rebooting after it.
+    `secrets` (goldsmith.secrets, resolved) reach Shell scripts as environment variables."""
     c = customizer
     if c.type == "File":
         run_file(comm, source_uri=c.sourceUri, destination=c.destination, sha256=c.sha256Checksum or None, name=name)
@@ -260,16 +279,17 @@ def run_linux_customizer(comm: SSHCommunicator, customizer, *, name: str, on_lin
     if c.type != "Shell":  # refused at plan time; a guard for plans made by another version
         raise CustomizerError(f"{c.type} customizers need a Windows build VM (the azure backend)")
     outcome = run_shell(comm, inline=c.inline, script_uri=c.scriptUri, sha256=c.sha256Checksum or None,
-                        on_line=on_line, name=name)
+                        on_line=on_line, name=name, secrets=secrets)
     return outcome.rebooted or going_down(comm)
 
 
-def run_linux_validator(comm: SSHCommunicator, validator, *, name: str, on_line: Callable[[str], None]) -> None:
+def run_linux_validator(comm: SSHCommunicator, validator, *, name: str, on_line: Callable[[str], None],
+                        secrets: Mapping[str, str] | None = None) -> None:
     """A Shell or File in-VM validator (the template model's object); failures raise ValidationFailed."""
     v = validator
     if v.type == "Shell":
         run_validator_shell(comm, inline=v.inline, script_uri=v.scriptUri, sha256=v.sha256Checksum or None,
-                            on_line=on_line, name=name)
+                            on_line=on_line, name=name, secrets=secrets)
     else:
         run_validator_file(comm, source_uri=v.sourceUri, destination=v.destination,
                            sha256=v.sha256Checksum or None, name=name)
@@ -376,7 +396,7 @@ def deprovision(
         log.info("deprovision: running the override %s instead of the built-in steps", override_path)
         command = f"sudo -n sh {quoted}"
     else:
-        path = f"/tmp/goldsmith-deprovision-{secrets.token_hex(4)}.sh"
+        path = f"/tmp/goldsmith-deprovision-{token_hex(4)}.sh"
         comm.upload(script.encode(), path, mode=0o700)
         command = f"sudo -n sh {shlex.quote(path)} {shlex.quote(comm.user)}"
     result = comm.run(command, on_line=on_line, timeout=timeout)

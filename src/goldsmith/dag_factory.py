@@ -7,6 +7,7 @@ placeholder DAG carrying the errors, so one broken file never hides the other te
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from datetime import datetime, timedelta
@@ -20,6 +21,7 @@ from airflow.sdk.bases.operator import BaseOperator
 from goldsmith import lineage
 from goldsmith.azure.janitor import JANITOR_DAG_ID, janitor_dag
 from goldsmith.operators import steps as ops
+from goldsmith.secrets import strip_secrets
 from goldsmith.settings import goldsmith_home
 from goldsmith.template.loader import LoadedTemplate, TemplateError, load_template
 from goldsmith.triggers import SourceVersionTrigger
@@ -41,26 +43,54 @@ def build_dags(folder: Path | None = None) -> dict[str, DAG]:
     assets: dict[str, Asset] = {}
     dags = {}
     for path in sorted(folder.glob("*.json")):
-        if wanted and path.stem != wanted:
+        dag_id = dag_id_for(path)
+        if wanted and dag_id != wanted:
             continue
-        dags[path.stem] = make_dag(path, assets)
+        dags[dag_id] = make_dag(path, assets)
     # Azure builds get a janitor for the staging resources a build could not clean up itself.
     if wanted == JANITOR_DAG_ID or (not wanted and any("backend:azure" in d.tags for d in dags.values())):
         dags[JANITOR_DAG_ID] = janitor_dag(folder, START_DATE)
     return dags
 
 
+def dag_id_for(path: Path) -> str:
+    """The template's name if it can be a DAG id of its own, else a placeholder id no other file can take:
+    `a b.json` and `a+b.json` must not both become `a_b` (nor replace `a_b.json`'s DAG)."""
+    if _name_problem(path.stem) is None:
+        return path.stem
+    readable = re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)[:40]
+    return f"invalid_{readable}_{hashlib.sha256(path.name.encode('utf-8', 'surrogateescape')).hexdigest()[:10]}"
+
+
+def _name_problem(stem: str) -> str | None:
+    if stem == JANITOR_DAG_ID:
+        return f"the name '{JANITOR_DAG_ID}' is Goldsmith's janitor DAG: rename the file"
+    if not _DAG_ID.match(stem) or stem.startswith("."):
+        return "the file name is the DAG id: use only letters, digits, '_', '-', '.', not starting with '.'"
+    if len(stem) > 64:  # AIB's limit on a template name, which staging names and tags carry
+        return f"the file name (the template's name) is {len(stem)} characters: use at most 64"
+    return None
+
+
 def make_dag(path: Path, assets: dict[str, Asset] | None = None) -> DAG:
-    if not _DAG_ID.match(path.stem):
-        return invalid_template_dag(path, [f"{path}: the file name is the DAG id: use only letters, digits, '_', '-', '.'"])
+    if (problem := _name_problem(path.stem)) is not None:
+        return invalid_template_dag(path, [f"{path}: {problem}"])
     try:
         loaded = load_template(path)
         problems = backend_problems(loaded)
         if problems:
             raise TemplateError(path, problems)
+        return build_dag(loaded, {} if assets is None else assets)
     except TemplateError as e:
-        return invalid_template_dag(path, str(e).splitlines())
-    return build_dag(loaded, {} if assets is None else assets)
+        return invalid_template_dag(path, [_for_dag(line) for line in str(e).splitlines()])
+    except Exception as e:  # noqa: BLE001 — whatever one file does, the other templates' DAGs stay
+        return invalid_template_dag(path, [f"{path}: Goldsmith could not make this DAG ({type(e).__name__}: "
+                                           f"{strip_secrets(str(e))[:500]}); please report it with the template"])
+
+
+def _for_dag(line: str) -> str:
+    """A DAG gets no --set: the fix for an unresolved value is in the file."""
+    return re.sub(r": pass --set (\S+)=VALUE$", r": give <\1> a value in the template (a DAG takes no --set)", line)
 
 
 class InvalidTemplateOperator(BaseOperator):
@@ -75,9 +105,8 @@ class InvalidTemplateOperator(BaseOperator):
 
 
 def invalid_template_dag(path: Path, problems: list[str]) -> DAG:
-    dag_id = path.stem if _DAG_ID.match(path.stem) else re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem)[:250] or "invalid"
     with DAG(
-        dag_id,
+        dag_id_for(path),
         description=f"INVALID TEMPLATE: {problems[0]}"[:1000],
         doc_md="### Invalid template\n\nFix these and the build DAG comes back:\n\n"
         + "\n".join(f"- `{p}`" for p in problems),
@@ -232,4 +261,4 @@ def _doc_md(loaded: LoadedTemplate) -> str:
         "**Distribution**",
         *[f"- {d.type} `{d.runOutputName}`: `{getattr(d, 'imageId', None) or getattr(d, 'galleryImageId', None) or getattr(d, 'uri', None) or 'staging storage'}`" for d in t.distribute],
     ]
-    return "\n".join(lines)
+    return strip_secrets("\n".join(lines))

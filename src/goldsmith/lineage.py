@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from goldsmith.secrets import strip_uri
 from goldsmith.settings import goldsmith_home
 from goldsmith.template import model as m
 
@@ -41,7 +42,8 @@ def target_uri(distributor: Any, template_name: str) -> str:
         return image_uri(distributor.galleryImageId)
     if distributor.type == "ManagedImage":
         return image_uri(distributor.imageId)
-    return distributor.uri or f"vhd:{template_name}/{distributor.runOutputName}"
+    # An asset URI is shown and sent everywhere: a SAS token or a user:password@ stays out of it.
+    return strip_uri(distributor.uri) if distributor.uri else f"vhd:{template_name}/{distributor.runOutputName}"
 
 
 def follows_source(template: m.ImageTemplate, options: m.GoldsmithOptions) -> bool:
@@ -69,6 +71,7 @@ def artifacts(home: Path | None = None) -> dict[str, dict[str, Any]]:
     lineage survives the loss of that database.
     """
     from goldsmith.local.gallery import LocalGallery
+    from goldsmith.sbom import FILE_NAME as SBOM_FILE
 
     home = home or goldsmith_home()
     found: dict[str, dict[str, Any]] = {}
@@ -80,6 +83,7 @@ def artifacts(home: Path | None = None) -> dict[str, dict[str, Any]]:
                 "version": meta.get("version"), "template": prov["template"], "dagId": prov["dagId"],
                 "runId": prov["runId"], "templateDigest": prov["templateDigest"], "source": prov["source"],
                 "parents": prov["parents"], "createdTime": meta["createdTime"],
+                "sbom": {**prov["sbom"], "uri": Path(meta["path"]).with_name(SBOM_FILE).as_uri()} if prov.get("sbom") else None,
             }
     for template_dir in sorted((home / "runs").glob("*/")):
         for run_dir in template_dir.glob("*/outputs"):
@@ -92,7 +96,7 @@ def artifacts(home: Path | None = None) -> dict[str, dict[str, Any]]:
                     "id": uri, "kind": "vhd", "version": None, "template": template_dir.name,
                     "dagId": template_dir.name, "runId": extra["runId"], "templateDigest": extra.get("digest"),
                     "source": extra.get("source", {}), "parents": extra.get("parents", []),
-                    "createdTime": extra["recordedTime"],
+                    "createdTime": extra["recordedTime"], "sbom": extra.get("sbom"),
                 }
     return found
 
@@ -114,20 +118,36 @@ def find(query: str, found: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def ancestry(artifact: dict[str, Any], found: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Ancestors (what it was built from, up to the platform image), descendants (what was built from it,
     transitively) and siblings (the other targets of the same run)."""
-    def up(node: dict[str, Any]) -> list[dict[str, Any]]:
-        chain = []
-        for parent in node["parents"]:
-            parent_node = found.get(parent.lower())
-            chain.append(parent_node or {"id": parent, "kind": "external"})
-            if parent_node:
-                chain += up(parent_node)
-        if not node["parents"] and node.get("source", {}).get("type") == "PlatformImage":
-            chain.append({"id": node["source"]["id"], "kind": "platformImage"})
+    # Iterative walks with a visited set: any number of generations, and a cycle in damaged records ends.
+    def up(start: dict[str, Any]) -> list[dict[str, Any]]:
+        chain, stack, seen = [], [start], {start["id"].lower()}
+        while stack:
+            node = stack.pop()
+            for parent in reversed(node["parents"]):
+                if parent.lower() in seen:
+                    continue
+                seen.add(parent.lower())
+                parent_node = found.get(parent.lower())
+                chain.append(parent_node or {"id": parent, "kind": "external"})
+                if parent_node:
+                    stack.append(parent_node)
+            if not node["parents"] and node.get("source", {}).get("type") == "PlatformImage":
+                chain.append({"id": node["source"]["id"], "kind": "platformImage"})
         return chain
 
-    def down(node_id: str) -> list[dict[str, Any]]:
-        children = [a for a in found.values() if node_id.lower() in (p.lower() for p in a["parents"])]
-        return children + [d for c in children for d in down(c["id"])]
+    def down(start_id: str) -> list[dict[str, Any]]:
+        children_of: dict[str, list[dict[str, Any]]] = {}
+        for a in found.values():
+            for p in a["parents"]:
+                children_of.setdefault(p.lower(), []).append(a)
+        out, stack, seen = [], [start_id.lower()], {start_id.lower()}
+        while stack:
+            for child in children_of.get(stack.pop(), []):
+                if child["id"].lower() not in seen:
+                    seen.add(child["id"].lower())
+                    out.append(child)
+                    stack.append(child["id"].lower())
+        return out
 
     siblings = [a for a in found.values() if a["runId"] == artifact["runId"] and a["template"] == artifact["template"]
                 and a["id"] != artifact["id"]]
@@ -225,10 +245,14 @@ def openlineage_for_distribution(source_uri_: str, target_uri_: str, output: dic
         sourceId: str | None
         sourceExactVersion: str | None
         templateDigest: str
+        sbomSha256: str | None = None
+        sbomPackages: int | None = None
 
+    sbom = output.get("sbom") or {}
     facet = GoldsmithImageRunFacet(
         runOutputName=output["runOutputName"], artifactId=output.get("artifactId"),
         artifactUri=output.get("artifactUri"), sourceId=source.get("id"),
-        sourceExactVersion=source.get("exactVersion"), templateDigest=digest)
+        sourceExactVersion=source.get("exactVersion"), templateDigest=digest,
+        sbomSha256=sbom.get("sha256"), sbomPackages=sbom.get("packages"))
     return OperatorLineage(inputs=[openlineage_dataset(source_uri_)], outputs=[openlineage_dataset(target_uri_)],
                            run_facets={"goldsmith_image": facet})

@@ -5,6 +5,7 @@ Layout under `$GOLDSMITH_HOME/runs`:
     <template>/<run-dir>/run.json                       {"runId", "template", "recordedTime"} (first record)
     <template>/<run-dir>/outputs/<runOutputName>.json   a RunOutput, as below
     <template>/<run-dir>/result.json                    how the build ended: succeeded, digest, source
+    <template>/<run-dir>/sbom.cdx.json                  the build's SBOM (goldsmith.sbom), once it made one
 
 `<run-dir>` is the Airflow run id made filesystem-safe (`manual__2025-01-01T00:00:00+00:00` ->
 `manual__2025-01-01T00_00_00_00_00-<8 hex of its sha256>`; the hash keeps distinct ids distinct), so the raw
@@ -27,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
+from goldsmith.secrets import strip_secrets_json
 from goldsmith.settings import goldsmith_home
 
 RUN_OUTPUT_TYPE = "Microsoft.VirtualMachineImages/imageTemplates/runOutputs"
@@ -63,12 +65,12 @@ def record(
     run_dir = _template_dir(template, home) / run_dir_name(run_id)
     if not (run_dir / "run.json").exists():
         _write_json(run_dir / "run.json", {"runId": run_id, "template": template, "recordedTime": now})
-    output = {
+    output = strip_secrets_json({  # a VHD uri's SAS token is no output
         "name": runOutputName,
         "type": RUN_OUTPUT_TYPE,
         "properties": {"artifactId": artifactId, "artifactUri": artifactUri, "provisioningState": provisioningState},
         "goldsmith": {**(extra or {}), "runId": run_id, "recordedTime": now},
-    }
+    })
     _write_json(run_dir / "outputs" / f"{runOutputName}.json", output)
     return output
 
@@ -86,6 +88,21 @@ def record_result(
               "finishedTime": now}
     _write_json(run_dir / "result.json", result)
     return result
+
+
+def document_path(template: str, run_id: str, name: str, *, home: Path | None = None) -> Path:
+    """Where a document of the run (its SBOM) is kept, beside its outputs."""
+    return _template_dir(template, home) / run_dir_name(run_id) / name
+
+
+def write_document(template: str, run_id: str, name: str, data: bytes, *, home: Path | None = None) -> Path:
+    """Store a document of the run whole (temp file, then rename); returns its path."""
+    path = document_path(template, run_id, name, home=home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{name}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
 
 
 def list_results(template: str, *, home: Path | None = None) -> list[dict[str, Any]]:

@@ -18,12 +18,13 @@ from typing import Any, Callable
 import pytest
 from azure.storage.blob import BlobServiceClient, ContainerSasPermissions, generate_container_sas
 
-from goldsmith import runoutputs
+from goldsmith import runoutputs, sbom
 from goldsmith.azure.backend import AzureBackend
 from goldsmith.core import Build, BuildError, Pending, trigger_for
 from goldsmith.operators.steps import _first_event
 from goldsmith.template.loader import load_template
 from goldsmith.template.plan import make_plan
+from test_sbom import validate_cyclonedx
 
 LOCATION = "westus2"
 DEBIAN = {"type": "PlatformImage", "publisher": "Debian", "offer": "debian-12", "sku": "12", "version": "latest"}
@@ -161,6 +162,16 @@ def test_linux_build_customizes_over_ssh_and_distributes_everywhere(env, arm_dou
     _, recorded = runoutputs.list_outputs("tpl", "manual__1")
     assert {o["name"]: o["properties"]["provisioningState"] for o in recorded} == dict.fromkeys(
         ("managed", "sig", "vhd"), "Succeeded")
+    # The SBOM: the guest's dpkg database, kept in the run's record, its digest on every artifact.
+    bom = outputs["sig"]["sbom"]
+    assert bom == outputs["managed"]["sbom"] == outputs["vhd"]["sbom"] and bom["packages"] > 100
+    doc = json.loads(runoutputs.document_path("tpl", "manual__1", sbom.FILE_NAME).read_text())
+    validate_cyclonedx(doc)
+    assert len(sbom.packages(doc)) == bom["packages"] and "openssh-server:amd64" in sbom.packages(doc)
+    assert version["tags"]["goldsmith.sbom.sha256"] == bom["sha256"]
+    beside = BlobServiceClient.from_connection_string(azurite.connection_string).get_container_client("vhds") \
+        .get_blob_client(vhd.rsplit("/", 1)[1] + ".sbom.cdx.json")
+    assert json.loads(beside.download_blob().readall()) == doc  # stored with the VHD
     vm_put = next(c for c in arm_double.calls if c.method == "PUT" and c.path.endswith("/virtualMachines/goldsmith-vm"))
     assert vm_put  # the VM was created once and deleted with the staging group (leftovers are checked after the test)
     arm_double.keep(f"{images}/providers/Microsoft.Compute/images/golden", outputs["sig"]["artifactId"])
@@ -176,6 +187,11 @@ def test_windows_customizers_run_as_run_commands(env, arm_double, images, tmp_pa
 
     def guest(vm: str, command_id: str, script: str, parameters: list) -> tuple[str, str]:
         scripts.append(script)
+        if script == sbom.WINDOWS_SCRIPT:  # what the inventory script prints on Windows Server 2019
+            return "goldsmith-sbom:" + json.dumps({
+                "os": {"ID": "windows", "NAME": "Microsoft Windows Server 2019 Datacenter", "VERSION_ID": "10.0.17763"},
+                "programs": [{"name": "Microsoft Edge", "version": "131.0.2903.70", "publisher": "Microsoft Corporation"}],
+                "updates": [{"id": "KB5044277", "description": "Security Update"}]}) + "\n", ""
         if "LastBootUpTime" in script and "goldsmith-boot:" in script:
             return "goldsmith-boot:2025-01-01T00:00:00.0000000Z\n", ""
         if "Microsoft.Update.Session" in script:  # the first round wants a restart, the second finds nothing
@@ -209,12 +225,19 @@ def test_windows_customizers_run_as_run_commands(env, arm_double, images, tmp_pa
     update = next(s for s in scripts if "Microsoft.Update.Session" in s)
     assert "Search('IsInstalled=0')" in update and "-ge 40" in update and "*Preview*" in update
     assert sum("Microsoft.Update.Session" in s for s in scripts) == 2  # again after the restart it asked for
-    assert "Test-Path C:\\marker.txt" in scripts[-2] and "Sysprep.exe /oobe /generalize /quiet /quit" in scripts[-1]
+    assert "Test-Path C:\\marker.txt" in scripts[-3] and "Sysprep.exe /oobe /generalize /quiet /quit" in scripts[-1]
+    assert scripts[-2] == sbom.WINDOWS_SCRIPT  # the SBOM is taken before sysprep
+    doc = json.loads(runoutputs.document_path("tpl", "manual__1", sbom.FILE_NAME).read_text())
+    validate_cyclonedx(doc)
+    assert sorted(sbom.packages(doc)) == ["KB5044277", "Microsoft Edge"]
+    version = arm_double.get(result["outputs"]["sig"]["artifactId"])
+    assert version["tags"]["goldsmith.sbom.packages"] == "2"
+    assert version["tags"]["goldsmith.sbom.sha256"] == result["outputs"]["sig"]["sbom"]["sha256"]
+    arm_double.keep(result["outputs"]["sig"]["artifactId"])
     assert "ran " in capsys.readouterr().out  # the trigger logs each Run Command's output (into the task log)
     vm_body = next(c for c in arm_double.run_commands)  # every script went to the build VM
     assert vm_body["vm"].endswith("/virtualMachines/goldsmith-vm")
     assert result["outputs"]["sig"]["artifactId"].endswith("/images/windows/versions/0.0.1")
-    arm_double.keep(result["outputs"]["sig"]["artifactId"])
 
 
 def test_windows_network_allows_no_inbound_and_linux_only_ssh_from_the_configured_source(env, arm_double, tmp_path):

@@ -190,8 +190,8 @@ def test_problem_lines_stay_one_printable_line(write, body):
     body["location"] = "[parameters('\ud800')]"
     with pytest.raises(TemplateError) as e:
         load_template(write(arm(body)))
-    assert str(e.value) == (f"{e.value.file}:resources[0].location: parameters('\\ud800') is not declared in "
-                            "'parameters' (declared: none)")
+    assert str(e.value) == (f"{e.value.file}:resources[0].location: contains a lone UTF-16 surrogate "
+                            "(\\ud800-\\udfff), which is not text: remove it")
 
 
 def test_all_problems_are_reported_at_once(write, body):
@@ -425,7 +425,7 @@ def test_goldsmith_block(write, body):
 def test_goldsmith_block_problems(write, body):
     body["goldsmith"] = {"backnd": "azure", "retries": 11, "rebuild": "never"}
     assert problems(write(body)) == [
-        "goldsmith.rebuild: 'never' is not allowed: expected 'onChange' or 'always'",
+        "goldsmith.rebuild: 'never' is not allowed: expected 'onChange' or 'always' or 'onUpdates'",
         "goldsmith.retries: Input should be less than or equal to 10",
         "goldsmith.backnd: unknown field 'backnd' — did you mean 'backend'?",
     ]

@@ -23,7 +23,7 @@ ids = st.builds(lambda *parts: "/" + "/".join(parts), text, text)
 uris = st.sampled_from(["https://example.com/a.sh", "https://example.com/b", "file:///tmp/c.sh"])
 sha256 = st.one_of(st.just(""), st.text("0123456789abcdef", min_size=64, max_size=64))
 tags = st.dictionaries(text, text, max_size=3)
-run_output_names = st.from_regex(m.NAME_PATTERN, fullmatch=True)
+run_output_names = st.from_regex(m.NAME_PATTERN, fullmatch=True).filter(lambda n: not n.startswith("."))
 
 
 def optional(**fields: st.SearchStrategy) -> st.SearchStrategy[dict[str, Any]]:
@@ -41,8 +41,9 @@ sources = st.one_of(
     typed("ManagedImage", {"imageId": ids}),
     typed("SharedImageVersion", {"imageVersionId": ids}),
 )
-script = st.one_of(st.fixed_dictionaries({"scriptUri": uris}), st.fixed_dictionaries({"inline": st.lists(text)}))
-shell = st.builds(lambda base, s: {**base, **s}, typed("Shell", name=text, sha256Checksum=sha256), script)
+script = st.one_of(st.fixed_dictionaries({"scriptUri": uris}, optional={"sha256Checksum": sha256}),
+                   st.fixed_dictionaries({"inline": st.lists(text)}))  # a checksum checks a download only
+shell = st.builds(lambda base, s: {**base, **s}, typed("Shell", name=text), script)
 file_customizer = typed("File", {"sourceUri": uris, "destination": st.just("/tmp/f")}, name=text, sha256Checksum=sha256)
 customizers = st.lists(st.one_of(shell, file_customizer), max_size=4)
 

@@ -496,7 +496,8 @@ def test_sample_lists_every_unresolved_placeholder(name):
 def test_sample_with_every_placeholder_set_is_fully_resolved(name):
     """Giving each reported token a value leaves nothing unresolved (the structure was already checked)."""
     tokens = {re.search(r"<([^>]+)>", line).group(1) for line in EXPECTED[name].strict}
-    values = {t: f"v-{t}" for t in tokens}
+    # A script URL must be a fetchable URI (tests/test_hostile.py).
+    values = {t: f"https://example.com/{t}" if t.lower().endswith(("url", "uri")) else f"v-{t}" for t in tokens}
     loaded = load_template(SAMPLES / name, values=values)
     assert loaded.unresolved == ()
     assert "<" not in loaded.template.model_dump_json()

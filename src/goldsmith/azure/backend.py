@@ -21,16 +21,14 @@ from functools import cached_property
 from typing import Any, Iterator
 
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError, ServiceRequestError, ServiceResponseError
-from azure.storage.blob import BlobClient, BlobServiceClient
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from azure.storage.blob import BlobClient, BlobServiceClient, ContentSettings
 
-from goldsmith import customizers, runoutputs, versions
+from goldsmith import buildsbom, customizers, runoutputs, sbom, versions
 from goldsmith.azure import arm, windows
 from goldsmith.azure.arm import ResourceId, Wait
 from goldsmith.azure.hooks import AzureBuildHook, AzureSettingsError
 from goldsmith.core import Build, BuildError, Pending, destination_resource_group
-from goldsmith.communicator import CommunicatorError, SSHCommunicator
+from goldsmith.communicator import CommunicatorError, SSHCommunicator, create_build_key
 from goldsmith.settings import goldsmith_home
 from goldsmith.template.plan import Step
 
@@ -59,6 +57,9 @@ TAG_CREATED_BY, TAG_DAG, TAG_RUN, TAG_TEMPLATE, TAG_EXPIRY, TAG_KEEP, TAG_DEPROV
     "createdBy", "goldsmith.dagId", "goldsmith.runId", "goldsmith.template", "goldsmith.expiry", "goldsmith.keep",
     "goldsmith.deprovisioned")
 
+
+# NSG source prefixes that mean "anyone": refused for the build VM's SSH rule.
+OPEN_TO_ALL = frozenset({"*", "0.0.0.0/0", "::/0", "internet", "any", "0.0.0.0"})
 
 class AzureBackend:
     def __init__(self, build: Build):
@@ -404,6 +405,11 @@ class AzureBackend:
 
     def _ssh_source(self) -> str:
         configured = self.hook.settings.ssh_source
+        if configured.strip().lower() in OPEN_TO_ALL:
+            raise BuildError(
+                f"provision: extra 'goldsmith_ssh_source' of connection '{self.hook.conn_id}' is '{configured}', "
+                "which opens the build VM's SSH to the whole Internet: set the CIDR the worker's SSH comes from "
+                "(e.g. 203.0.113.7/32), or 'auto'")
         if configured != "auto":
             return configured
         try:
@@ -498,16 +504,8 @@ class AzureBackend:
     def _ensure_key(self) -> str:
         """The public half of an ed25519 key made for this build only."""
         key = self.local / "id_ed25519"
-        if not key.exists():
-            self.local.mkdir(parents=True, exist_ok=True)
-            private = Ed25519PrivateKey.generate()
-            tmp = key.with_suffix(".tmp")
-            tmp.write_bytes(private.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-            tmp.chmod(0o600)
-            key.with_suffix(".pub").write_bytes(private.public_key().public_bytes(
-                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b" goldsmith-build\n")
-            tmp.rename(key)
+        self.local.mkdir(parents=True, exist_ok=True)
+        create_build_key(key)
         return key.with_suffix(".pub").read_text().strip()
 
     def _connect(self, address: str | None = None) -> SSHCommunicator:
@@ -571,7 +569,8 @@ class AzureBackend:
         try:
             with self._connect() as comm:
                 boot_id = self._boot_id(comm) if c.type == "Shell" else None  # to tell a reboot happened
-                if customizers.run_linux_customizer(comm, c, name=step.name, on_line=self._on_line):
+                if customizers.run_linux_customizer(comm, c, name=step.name, on_line=self._on_line,
+                                                 secrets=self.build.secrets):
                     self._wait_out_reboot(boot_id)
         except customizers.CustomizerError as e:
             raise BuildError(f"{step.task_id}: {e}") from None
@@ -584,7 +583,8 @@ class AzureBackend:
                 return self._windows_step(step, validator=True)
         try:
             with self._connect() as comm:
-                customizers.run_linux_validator(comm, v, name=step.name, on_line=self._on_line)
+                customizers.run_linux_validator(comm, v, name=step.name, on_line=self._on_line,
+                                                secrets=self.build.secrets)
         except customizers.CustomizerError as e:
             raise BuildError(f"{step.task_id}: validation failed: {e}") from None
         return {"step": step.task_id, "passed": True}
@@ -646,6 +646,7 @@ class AzureBackend:
                 return {"generalized": True}
             deprovisioned = (self._vm.get("tags") or {}).get(TAG_DEPROVISIONED) == "true"
             if power == "running" and not deprovisioned:
+                buildsbom.record(self.build, self._inventory)  # what the image holds, before generalizing
                 if self._windows:
                     result = self._run_command("generalize/sysprep", windows.SYSPREP)
                     if result["exitCode"] != 0:
@@ -664,6 +665,18 @@ class AzureBackend:
             self.arm.compute.virtual_machines.generalize(self.rg, VM)
         self.log.info("VM deprovisioned, deallocated and generalized")
         return {"generalized": True}
+
+    def _inventory(self) -> sbom.Inventory:
+        """The build VM's installed software: dpkg over SSH on Linux, programs and updates via Run Command on
+        Windows."""
+        if self._windows:
+            result = self._run_command("generalize/sbom", sbom.WINDOWS_SCRIPT)
+            if result["exitCode"] != 0:
+                self._delete_run_commands("generalize")
+                raise BuildError(f"generalize: listing the installed software failed:\n{windows.tail(result)}")
+            return sbom.parse_windows(result["output"])
+        with self._connect() as comm:
+            return sbom.collect_linux(buildsbom.ssh_runner(comm))
 
     def _vm_states(self) -> tuple[str, bool]:
         view = self.arm.compute.virtual_machines.instance_view(self.rg, VM).as_dict()
@@ -713,18 +726,23 @@ class AzureBackend:
     def record_output(self, step: Step, source: dict[str, Any], artifact_id: str | None,
                       artifact_uri: str | None) -> dict[str, Any]:
         d = step.item
+        bom = buildsbom.ref(self.build)  # the document is kept in the run's record, its digest on the artifact
+        sbom_extra = {"sbom": bom} if bom else {}
         runoutputs.record(self.plan.name, self.build.run_id, d.runOutputName, artifactId=artifact_id,
                           artifactUri=artifact_uri, provisioningState="Succeeded",
                           extra={"digest": self.plan.digest,
-                                 "source": {k: source.get(k) for k in ("type", "id", "exactVersion")}})
+                                 "source": {k: source.get(k) for k in ("type", "id", "exactVersion")}, **sbom_extra})
         self.log.info("%s: %s", step.task_id, artifact_id or artifact_uri)
-        return {"runOutputName": d.runOutputName, "artifactId": artifact_id, "artifactUri": artifact_uri}
+        return {"runOutputName": d.runOutputName, "artifactId": artifact_id, "artifactUri": artifact_uri, **sbom_extra}
 
     def _artifact_tags(self, d: Any, source: dict[str, Any]) -> dict[str, str]:
         """artifactTags plus provenance, so the artifact says where it came from."""
+        bom = buildsbom.ref(self.build) or {}
         return {**d.artifactTags, TAG_TEMPLATE: self.plan.name, "goldsmith.templateDigest": self.plan.digest,
                 TAG_DAG: self.build.dag_id, TAG_RUN: self.build.run_id, "goldsmith.source": source.get("id") or "",
-                "goldsmith.sourceVersion": source.get("exactVersion") or ""}
+                "goldsmith.sourceVersion": source.get("exactVersion") or "",
+                **({"goldsmith.sbom.sha256": bom["sha256"], "goldsmith.sbom.packages": str(bom["packages"])}
+                   if bom else {})}
 
     def publish_managed_image(self, d: Any, source: dict[str, Any], properties: dict[str, Any]) -> str:
         """The ManagedImage target `d`, made with `properties` (its source); returns its id once it exists."""
@@ -834,9 +852,25 @@ class AzureBackend:
             self.log.info("copying the OS disk to %s (server side)", url)
         elif copy_status == "success":
             self.arm.compute.disks.begin_revoke_access(self.rg, OS_DISK).result()
+            self._store_sbom_beside(blob)
             return url
         raise self._pending(f"VHD copy to {url}", [Wait("blob_copy", blob.url, f"VHD {d.runOutputName}",
                                                          state=account_id)])
+
+    def _store_sbom_beside(self, vhd: BlobClient) -> None:
+        """The build's SBOM as a blob beside the VHD (`<name>.vhd.sbom.cdx.json`): the document travels with it."""
+        path = buildsbom.path(self.build)
+        if not path.exists():
+            return
+        base, _, query = vhd.url.partition("?")
+        blob = BlobClient.from_blob_url(f"{base}.{sbom.FILE_NAME}" + (f"?{query}" if query else ""),
+                                        credential=None if query else vhd.credential, **self.hook.blob_options())
+        try:
+            blob.upload_blob(path.read_bytes(), overwrite=True,
+                             content_settings=ContentSettings(content_type="application/vnd.cyclonedx+json"))
+        except HttpResponseError as e:  # e.g. a SAS scoped to the VHD blob alone
+            self.log.warning("the SBOM could not be stored beside %s (%s); it is kept in the run's record %s",
+                             base, e.reason, path)
 
     @property
     def blob_run_mark(self) -> str:

@@ -24,12 +24,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from goldsmith import customizers, runoutputs
+from goldsmith import buildsbom, customizers, runoutputs, sbom, updates
 from goldsmith.core import Build, BuildError, Reused
-from goldsmith.communicator import CommunicatorError, SSHCommunicator
+from goldsmith.communicator import CommunicatorError, SSHCommunicator, create_build_key
 from goldsmith.local import baseimage, catalog, disk, layers, qemu, savedstate, vmsizes
 from goldsmith.local.gallery import GalleryError, LocalGallery
 from goldsmith.settings import goldsmith_home
@@ -84,15 +82,7 @@ class LocalBackend:
     def _ensure_key(self) -> Path:
         """An ed25519 key made for this build only; it reaches the VM through the cloud-init seed."""
         key = self.staging / "id_ed25519"
-        if not key.exists():
-            private = Ed25519PrivateKey.generate()
-            tmp = key.with_suffix(".tmp")
-            tmp.write_bytes(private.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-            tmp.chmod(0o600)
-            key.with_suffix(".pub").write_bytes(private.public_key().public_bytes(
-                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b" goldsmith-build\n")
-            tmp.rename(key)
+        create_build_key(key)
         return key
 
     def _require_staging(self) -> None:
@@ -186,7 +176,7 @@ class LocalBackend:
     def _reuse_across_runs(self) -> bool:
         """Patch rebuilds stay honest: the same step definitions give another disk a week later."""
         options = self.build.plan.options
-        return options.reuseLayers and options.rebuild != "always" and not self.build.params.get("forceRebuild")
+        return options.reuseLayers and options.rebuild == "onChange" and not self.build.params.get("forceRebuild")
 
     def _cached_start(self, source: dict[str, Any]) -> tuple[list[dict[str, Any]], Path]:
         """The steps a cached chain already did (task, key, run) and the disk to start from."""
@@ -320,7 +310,8 @@ class LocalBackend:
         vm, comm, position = self._step_session(step)
         try:
             with comm:
-                if customizers.run_linux_customizer(comm, c, name=step.name, on_line=self._on_line):
+                if customizers.run_linux_customizer(comm, c, name=step.name, on_line=self._on_line,
+                                                 secrets=self.build.secrets):
                     self._wait_out_reboot(vm)
         except customizers.CustomizerError as e:  # downloads were already retried inside fetch()
             raise BuildError(f"{step.task_id}: {e}") from None
@@ -342,7 +333,8 @@ class LocalBackend:
         _, comm, position = self._step_session(step)
         try:
             with comm:
-                customizers.run_linux_validator(comm, v, name=step.name, on_line=self._on_line)
+                customizers.run_linux_validator(comm, v, name=step.name, on_line=self._on_line,
+                                                secrets=self.build.secrets)
         except customizers.CustomizerError as e:
             raise BuildError(f"{step.task_id}: validation failed: {e}") from None
         self._freeze(step, position)
@@ -359,6 +351,9 @@ class LocalBackend:
         vm, comm = self._session()
         with comm:
             try:
+                # The packages as the image will have them, before deprovisioning.
+                buildsbom.record(self.build, lambda: sbom.collect_linux(buildsbom.ssh_runner(comm)),
+                                 updates.LOCAL_GUEST_ALIASES)
                 _run_root(comm, f"rm -f {baseimage.BUILD_VM_MARKER}")  # the image boots with cloud-init
                 customizers.deprovision(comm, on_line=self._on_line)
             except customizers.CustomizerError as e:
@@ -391,9 +386,16 @@ class LocalBackend:
             "dagId": self.build.dag_id, "runId": self.build.run_id,
             "layers": layers.StagingChain(self.staging).state["reused"],  # steps this image did not run itself
         }
+        bom = buildsbom.ref(self.build)
+        files = {sbom.FILE_NAME: buildsbom.path(self.build)} if bom else {}
+        if bom:
+            provenance["sbom"] = {**bom, "uri": ""}  # beside the artifact; lineage fills in where
         try:
             if d.type == "VHD":
                 artifact_id, artifact_uri = None, self._write_vhd(d, image)
+                sbom_path = Path(artifact_uri.removeprefix("file://") + "." + sbom.FILE_NAME)
+                if files:
+                    shutil.copyfile(files[sbom.FILE_NAME], sbom_path)
             elif d.type == "SharedImage":
                 regions = [(r.name, r.replicaCount, r.storageAccountType) for r in d.targetRegions or []] or [
                     (r, 1, d.storageAccountType or "Standard_LRS") for r in d.replicationRegions or []]
@@ -401,21 +403,24 @@ class LocalBackend:
                     d.galleryImageId, image, versioning=d.versioning,
                     version=self.build.params.get("galleryImageVersion"), source_version=source.get("exactVersion"),
                     exclude_from_latest=d.excludeFromLatest, target_regions=regions, artifact_tags=d.artifactTags,
-                    provenance=provenance, run_key=self.build.run_key)
+                    provenance=provenance, run_key=self.build.run_key, files=files)
                 artifact_id, artifact_uri = record.id, record.path.as_uri()
+                sbom_path = record.path.with_name(sbom.FILE_NAME)
             else:
                 record = self.gallery.publish_managed_image(
                     d.imageId, d.location, image, artifact_tags=d.artifactTags, provenance=provenance,
-                    run_key=self.build.run_key)
+                    run_key=self.build.run_key, files=files)
                 artifact_id, artifact_uri = record.id, record.path.as_uri()
+                sbom_path = record.path.with_name(sbom.FILE_NAME)
         except GalleryError as e:
             raise BuildError(f"{step.task_id}: {e}") from None
+        sbom_extra = {"sbom": {**provenance["sbom"], "uri": sbom_path.as_uri()}} if files else {}
         runoutputs.record(plan.name, self.build.run_id, d.runOutputName, artifactId=artifact_id,
                           artifactUri=artifact_uri, provisioningState="Succeeded",
                           extra={"digest": plan.digest, "source": provenance["source"],
-                                 "parents": provenance["parents"]})
+                                 "parents": provenance["parents"], **sbom_extra})
         self.log.info("%s: %s", step.task_id, artifact_id or artifact_uri)
-        return {"runOutputName": d.runOutputName, "artifactId": artifact_id, "artifactUri": artifact_uri}
+        return {"runOutputName": d.runOutputName, "artifactId": artifact_id, "artifactUri": artifact_uri, **sbom_extra}
 
     def _write_vhd(self, d: Any, image: Path) -> str:
         """A fixed VHD, its size a whole number of MiB as Azure requires."""

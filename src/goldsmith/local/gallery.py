@@ -19,7 +19,8 @@ Image definitions exist implicitly, from their first version (Azure wants them c
 carry nothing worth creating). `metadata.json` holds `id`, `type`, `createdTime`, `runKey` (what makes a
 retried publish return the first result), `artifactTags`, `checksums` {`sha256` of disk.qcow2},
 `provenance` {`source` {type, id, exactVersion}, `template`, `templateDigest`, `dagId`, `runId`, `parents`
-(artifact ids it was built from)}; versions add `version`, `versionFrom`, `excludeFromLatest` and `regions`;
+(artifact ids it was built from), `sbom` (goldsmith.sbom.SbomRef, when the build made one)}; the SBOM itself is
+`sbom.cdx.json` beside the disk; versions add `version`, `versionFrom`, `excludeFromLatest` and `regions`;
 managed images add `location`.
 
 Regions: `targetRegions` are recorded with their replicaCount and storageAccountType. A region mapped in
@@ -304,6 +305,7 @@ class LocalGallery:
         artifact_tags: Mapping[str, str] | None = None,
         provenance: Mapping[str, Any],
         run_key: str,
+        files: Mapping[str, Path] | None = None,
     ) -> VersionRecord:
         """Publish `disk` as a new version of an image definition, numbered as AIB would.
 
@@ -345,7 +347,7 @@ class LocalGallery:
                 "artifactTags": dict(artifact_tags or {}),
                 "provenance": dict(provenance),
             }
-            path, metadata = self._commit(target, disk, metadata, regions)
+            path, metadata = self._commit(target, disk, metadata, regions, files)
             return VersionRecord(metadata["id"], number, path, metadata)
 
     def publish_managed_image(
@@ -357,6 +359,7 @@ class LocalGallery:
         artifact_tags: Mapping[str, str] | None = None,
         provenance: Mapping[str, Any],
         run_key: str,
+        files: Mapping[str, Path] | None = None,
     ) -> ImageRecord:
         """Publish `disk` as a managed image; the same `run_key` again returns the first result.
 
@@ -385,7 +388,7 @@ class LocalGallery:
                 "artifactTags": dict(artifact_tags or {}),
                 "provenance": dict(provenance),
             }
-            path, metadata = self._commit(ref, disk, metadata, None)
+            path, metadata = self._commit(ref, disk, metadata, None, files)
             return ImageRecord(metadata["id"], path, metadata)
 
     def delete(self, artifact_id: str) -> None:
@@ -408,9 +411,11 @@ class LocalGallery:
             shutil.rmtree(trash)
 
     def _commit(
-        self, ref: ArmId, disk: Path, metadata: dict[str, Any], regions: list[dict[str, Any]] | None
+        self, ref: ArmId, disk: Path, metadata: dict[str, Any], regions: list[dict[str, Any]] | None,
+        files: Mapping[str, Path] | None = None,
     ) -> tuple[Path, dict[str, Any]]:
-        """Assemble the artifact in a temp dir, place region replicas, then rename it into view."""
+        """Assemble the artifact in a temp dir (with `files` beside the disk, e.g. its SBOM), place region
+        replicas, then rename it into view."""
         final = self._dir(ref)
         final.parent.mkdir(parents=True, exist_ok=True)
         _clear_leftovers(final.parent)
@@ -420,6 +425,10 @@ class LocalGallery:
             _place(disk, staging / DISK)
             _fsync(staging / DISK)
             metadata["checksums"] = {"sha256": _sha256(staging / DISK)}
+            for name, path in (files or {}).items():
+                if name in (DISK, METADATA) or not _NAME.fullmatch(name):
+                    raise GalleryError(f"'{name}' can't be stored beside an artifact: name it something else")
+                shutil.copyfile(path, staging / name)
             if regions is not None:
                 for region in regions:
                     replica = self._replicate(ref, staging / DISK, region["name"], replicas)

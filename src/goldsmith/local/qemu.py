@@ -313,6 +313,12 @@ def _write_seed(staging: Path, disk: Path, user: str, key: str, hostname: str) -
         raise VMError(f"genisoimage failed: {done.stderr.strip()}")
 
 
+def _opt(value: object) -> str:
+    """A value inside a QEMU option list: a comma would start another option (`x.qcow2,file.driver=...`)
+    unless doubled, QEMU's escape. Staging paths carry names from the template (a resource group)."""
+    return str(value).replace(",", ",,")
+
+
 def _argv(state: VMState) -> list[str]:
     if state.accel == "kvm":
         accel = ["-accel", "kvm", "-cpu", "host"]
@@ -320,13 +326,13 @@ def _argv(state: VMState) -> list[str]:
         accel = ["-accel", "tcg,thread=multi", "-cpu", "qemu64"]
     return [
         shutil.which(QEMU) or QEMU,
-        "-name", f"goldsmith-{state.hostname}",
+        "-name", _opt(f"goldsmith-{state.hostname}"),
         "-machine", "pc", *accel,
         "-smp", str(state.vcpus), "-m", str(state.memory_mib),
         "-nodefaults", "-display", "none", "-no-reboot",
-        "-drive", f"file={state.disk},if=virtio,format=qcow2,cache=unsafe,discard=unmap",
+        "-drive", f"file={_opt(state.disk)},if=virtio,format=qcow2,cache=unsafe,discard=unmap",
         # A virtio disk: the cloud kernel has no driver for an IDE/AHCI CD-ROM on q35.
-        "-drive", f"file={SEED},if=virtio,format=raw,readonly=on",
+        "-drive", f"file={_opt(SEED)},if=virtio,format=raw,readonly=on",
         "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{state.port}-:22",
         "-device", "virtio-net-pci,netdev=net0",
         "-device", "virtio-rng-pci",

@@ -32,10 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from goldsmith.communicator import SSHCommunicator
+from goldsmith.communicator import SSHCommunicator, create_build_key
 from goldsmith.local import baseimage, disk, qemu
 from goldsmith.settings import goldsmith_cache
 
@@ -103,15 +100,14 @@ def _save(state: SavedState, base: Path, vcpus: int, memory_mib: int) -> None:
     root = state.root
     for leftover in ("disk.qcow2", "vm.json", "state.bin.partial"):
         (root / leftover).unlink(missing_ok=True)
-    private = Ed25519PrivateKey.generate()
-    state.key.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                                serialization.NoEncryption()))
-    state.key.chmod(0o600)
-    public = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    state.key.unlink(missing_ok=True)
+    state.key.with_suffix(".pub").unlink(missing_ok=True)
+    create_build_key(state.key)
+    public = state.key.with_suffix(".pub").read_text().strip()
     disk.create_overlay(base, state.disk)
     started = time.monotonic()
     vm = qemu.launch(root, state.disk, vcpus=vcpus, memory_mib=memory_mib, user=STATE_USER,
-                     ssh_public_key=public.decode() + " goldsmith-state", hostname="goldsmith-state")
+                     ssh_public_key=public, hostname="goldsmith-state")
     try:
         if (vm.vcpus, vm.memory_mib) != (vcpus, memory_mib):
             raise SavedStateError(f"the host capped the VM to {vm.vcpus} vCPU, {vm.memory_mib} MiB")

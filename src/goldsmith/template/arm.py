@@ -13,6 +13,11 @@ from typing import Any, Callable
 _TOKEN = re.compile(r"\s*(?:(?P<str>'(?:[^']|'')*')|(?P<num>-?\d+)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<punct>[(),.\[\]]))")
 
 
+MAX_REFERENCES = 10_000
+MAX_DEPTH = 64
+MAX_STRING = 64 * 1024
+
+
 class ArmError(ValueError):
     """An expression that can't be evaluated; `path` is where it sits in the template."""
 
@@ -50,11 +55,15 @@ class Evaluator:
         self.used: set[str] = set()
         self.unresolved: dict[str, list[str]] = {}  # parameter name -> paths that use it
         self._resolving: set[str] = set()  # "parameters('x')" and "variables('x')" being evaluated
+        self._references = 0
 
     def parameter(self, name: str, path: str) -> Any:
         # ARM names are case-insensitive: parameters('managedimagename') finds 'managedImageName'.
         name = next((k for k in self.declared if k.lower() == name.lower()), name)
         spec = self.declared.get(name)
+        if name in self.declared and not isinstance(spec, dict):
+            raise ArmError(f"parameters.{name}", f"parameter '{name}' must be an object such as "
+                                                 '{"type": "string", "defaultValue": "..."}')
         if not isinstance(spec, dict):
             known = ", ".join(sorted(self.declared)) or "none"
             raise ArmError(path, f"parameters('{name}') is not declared in 'parameters' (declared: {known})")
@@ -78,6 +87,14 @@ class Evaluator:
         """Evaluates a parameter's default or a variable, refusing a cycle (`a` defined through itself)."""
         if ref in self._resolving:
             raise ArmError(path, f"{ref} refers to itself")
+        # Bounds keep one file from stalling the DAG file past its import timeout (an expansion bomb).
+        self._references += 1
+        if self._references > MAX_REFERENCES:
+            raise ArmError(path, f"the ARM expressions expand to more than {MAX_REFERENCES} parameter and variable "
+                                 "references: simplify the variables")
+        if len(self._resolving) >= MAX_DEPTH:
+            raise ArmError(path, f"{ref} is reached through a chain of more than {MAX_DEPTH} variables and "
+                                 "parameters: shorten the chain")
         self._resolving.add(ref)
         try:
             return self.evaluate(value, where)
@@ -172,7 +189,13 @@ class _Parser:
 
     def _concat(self, args: list[Any]) -> Any:
         if args and all(isinstance(a, list) for a in args):
-            return [item for a in args for item in a]
+            items = [item for a in args for item in a]
+            if len(items) > MAX_REFERENCES:
+                raise ArmError(self.path, f"concat() makes an array over {MAX_REFERENCES} items")
+            return items
         if any(isinstance(a, (dict, list)) for a in args):
             raise ArmError(self.path, "concat() takes all strings or all arrays")
-        return "".join(str(a).lower() if isinstance(a, bool) else str(a) for a in args)
+        joined = "".join(str(a).lower() if isinstance(a, bool) else str(a) for a in args)
+        if len(joined) > MAX_STRING:
+            raise ArmError(self.path, f"concat() makes a string over {MAX_STRING} characters")
+        return joined

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
+import stat
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +32,9 @@ PLACEHOLDER = re.compile(r"<([A-Za-z_][A-Za-z0-9_.-]*)>")
 OPTIONS_KEY = "goldsmith"
 # Line breaks, other control characters and lone surrogates (valid in JSON strings, unprintable as UTF-8).
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Templates are small (AIB's samples are under 10 KB); a bound keeps a huge file from stalling the DAG file.
+MAX_FILE_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,7 @@ def load_template(
     scripts as `file://<templateDir>/scripts/x.sh` wherever the checkout lives.
     """
     path = Path(path)
-    values = {"templateDir": str(path.resolve().parent), **(values or {})}
+    values = {"templateDir": os.path.dirname(os.path.realpath(path)), **(values or {})}  # realpath: no error on a loop
     try:
         return _load(path, _read_json(path), values, allow_placeholders)
     except RecursionError:  # JSON that parses but is nested deeper than the checks below can walk
@@ -156,15 +162,11 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"'{name}' is not a JSON value")
 
     try:
-        text = path.read_text(encoding="utf-8-sig")  # tolerate a BOM, as Azure tooling does
-    except FileNotFoundError:
-        raise TemplateError(path, [Problem("", "no such file")]) from None
-    except IsADirectoryError:
-        raise TemplateError(path, [Problem("", "is a directory, not a template file")]) from None
+        text = read_regular_file(path, MAX_FILE_BYTES).decode("utf-8-sig")  # tolerate a BOM, as Azure tooling does
     except UnicodeDecodeError as e:
         raise TemplateError(path, [Problem("", f"not UTF-8 text (byte {e.start}): save the file as UTF-8")]) from None
-    except OSError as e:
-        raise TemplateError(path, [Problem("", f"can't read: {e.strerror}")]) from None
+    except UnreadableFile as e:
+        raise TemplateError(path, [Problem("", str(e))]) from None
     try:
         data = json.loads(text, object_pairs_hook=no_duplicates, parse_constant=not_json)
     except json.JSONDecodeError as e:
@@ -175,6 +177,59 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise TemplateError(path, [Problem("", "invalid template: JSON nested too deeply")]) from None
     if not isinstance(data, dict):
         raise TemplateError(path, [Problem("", f"a template is a JSON object, not {_json_type(data)}")])
+    surrogate = find_surrogate(data, "")
+    if surrogate is not None:  # valid JSON, but no UTF-8 for the logs, the UI or the metadata database
+        raise TemplateError(path, [Problem(surrogate, "contains a lone UTF-16 surrogate (\\ud800-\\udfff), "
+                                                      "which is not text: remove it")])
+    return data
+
+
+def find_surrogate(value: Any, path: str) -> str | None:
+    """The JSON path of the first key or string holding a lone surrogate (iterative: any depth)."""
+    stack = [(value, path)]
+    while stack:
+        v, where = stack.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return where
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                if _SURROGATE.search(k):
+                    return _join(where, k)
+                stack.append((x, _join(where, k)))
+        elif isinstance(v, list):
+            stack.extend((x, f"{where}[{i}]") for i, x in enumerate(v))
+    return None
+
+
+class UnreadableFile(Exception):
+    """A path that is not a regular file one can read whole: the message says why."""
+
+
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. FIFOs, devices, sockets and symlink loops are
+    refused before anything is read, so a `x.json` linked to /dev/zero or a FIFO can't hang or exhaust a reader.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        raise UnreadableFile("no such file") from None
+    except IsADirectoryError:
+        raise UnreadableFile("is a directory, not a template file") from None
+    except OSError as e:  # ELOOP, EACCES, ENXIO (a FIFO or socket nobody serves)
+        raise UnreadableFile(f"can't read: {e.strerror}") from None
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):
+        os.close(fd)
+        raise UnreadableFile("is a directory, not a template file")
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(st.st_mode):
+            raise UnreadableFile("is not a regular file (a device, FIFO or socket): use a plain file")
+        if st.st_size > limit:
+            raise UnreadableFile(f"is {st.st_size} bytes, over the limit of {limit}: split it or shrink it")
+        data = f.read(limit + 1)
+    if len(data) > limit:  # grew while we read
+        raise UnreadableFile(f"is over the limit of {limit} bytes")
     return data
 
 
@@ -196,6 +251,15 @@ class _ShapeError(Exception):
 
 def _extract_document(data: dict, values: dict[str, Any]) -> tuple[dict, str, set[str], dict[str, list[str]]]:
     """The resource body, the JSON-path prefix of its place in the file, the values used, unresolved parameters."""
+    schema = str(data.get("$schema", ""))
+    if "deploymentParameters" in schema or (isinstance(data.get("parameters"), dict) and "resources" not in data
+                                           and "properties" not in data and "source" not in data):
+        raise _ShapeError("", "this is an ARM parameters file, not an image template: pass it to "
+                              "`goldsmith validate --parameters FILE TEMPLATE` beside the template it fills")
+    trigger = data.get("properties") if isinstance(data.get("properties"), dict) else {}
+    if str(data.get("type", "")).lower().endswith("/triggers") or trigger.get("kind") == "SourceImage":
+        raise _ShapeError("", "this is an AIB trigger resource, not an image template: set "
+                              '"goldsmith": {"sourceTrigger": true} in the template it triggers')
     if isinstance(data.get("resources"), list) or "$schema" in data:
         resources = data.get("resources")
         if not isinstance(resources, list):
@@ -296,7 +360,7 @@ def _unwrap(annotation: Any) -> Any:
         origin = typing.get_origin(annotation)
         if origin is typing.Annotated:
             annotation = typing.get_args(annotation)[0]
-        elif origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+        elif origin in (typing.Union, types.UnionType):
             args = [a for a in typing.get_args(annotation) if a is not type(None)]
             if len(args) != 1:
                 return annotation
@@ -306,6 +370,8 @@ def _unwrap(annotation: Any) -> Any:
 
 
 def _union_members(annotation: Any) -> list[type[BaseModel]]:
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):  # dict[str, Model] is no union
+        return []
     return [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from croniter import croniter
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 RESOURCE_TYPE = "Microsoft.VirtualMachineImages/imageTemplates"
 API_VERSION = "2025-10-01"
@@ -30,7 +31,23 @@ def _exactly_one_script(model: Any, kind: str) -> Any:
         raise ValueError(f"{kind}: set either 'scriptUri' or 'inline', not both")
     if model.scriptUri is None and model.inline is None:
         raise ValueError(f"{kind}: needs 'scriptUri' (a script to download) or 'inline' (commands to run)")
+    if model.inline is not None and model.sha256Checksum:
+        raise ValueError(f"{kind}: 'sha256Checksum' checks a downloaded 'scriptUri'; remove it beside 'inline'")
+    if model.scriptUri is not None:
+        _fetchable(model.scriptUri, f"{kind} scriptUri")
     return model
+
+
+def _fetchable(uri: str, what: str) -> str:
+    """A source the worker can fetch: https://, http:// or file:// (checked again, with the allowed roots and
+    hosts, when fetched). One starting with an unresolved placeholder (masked as `__name__`) is checked once it
+    has a value."""
+    if uri.startswith("__"):
+        return uri
+    if not uri.lower().startswith(("https://", "http://", "file://")) or uri.lower() in ("https://", "http://",
+                                                                                     "file://"):
+        raise ValueError(f"{what} '{uri[:100]}' must be an https://, http:// or file:// URI")
+    return uri
 
 
 # --- source ---------------------------------------------------------------------------------------------------
@@ -99,7 +116,7 @@ class PowerShellCustomizer(Strict):
 class FileCustomizer(Strict):
     type: Literal["File"]
     name: str | None = None
-    sourceUri: str
+    sourceUri: Annotated[str, AfterValidator(lambda uri: _fetchable(uri, "File sourceUri"))]
     destination: str = Field(description="absolute path including the file name; its parent directory must exist")
     sha256Checksum: str = ""
 
@@ -153,7 +170,15 @@ class Validate(Strict):
 # --- distribution ---------------------------------------------------------------------------------------------
 
 StorageAccountType = Literal["Standard_LRS", "Standard_ZRS", "Premium_LRS"]
-RunOutputName = Annotated[str, Field(pattern=NAME_PATTERN, description="unique per template; names the run output")]
+def _not_dots(name: str) -> str:
+    if name.startswith("."):  # AIB's pattern allows it; as a file name ('.', '..') it would leave its folder
+        raise ValueError(f"runOutputName '{name}' must not start with '.': it names a file of the run outputs")
+    return name
+
+
+RunOutputName = Annotated[
+    str, Field(pattern=NAME_PATTERN, description="unique per template; names the run output"), AfterValidator(_not_dots)
+]
 
 
 class TargetRegion(Strict):
@@ -328,6 +353,35 @@ class ImageTemplate(Strict):
     systemData: Any = ReadOnly()
 
 
+class SecretRef(Strict):
+    """Where a secret lives in Airflow: a connection's field, or a variable (see goldsmith/secrets.py)."""
+
+    connection: str | None = None
+    field: Literal["password", "login", "host", "schema", "port", "extra", "uri"] = "password"
+    variable: str | None = None
+
+    @model_validator(mode="after")
+    def _one_place(self) -> SecretRef:
+        if (self.connection is None) == (self.variable is None):
+            raise ValueError("a secret comes from either 'connection' (with 'field', default password) "
+                             "or 'variable'")
+        return self
+
+
+SecretName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+
+
+class SbomPolicy(Strict):
+    """A gate on what the image contains, checked on its SBOM before the build VM is generalized."""
+
+    forbiddenPackages: list[str] = Field(
+        default_factory=list, description="glob patterns of package names (e.g. 'telnet*') that fail the build")
+    pendingUpdates: Literal["ignore", "warn", "fail"] = Field(
+        "ignore", description="what newer versions in the image's apt sources (updateSuites) do to the build")
+    updateSuites: list[str] | None = Field(
+        None, description="suites whose pending updates the gate counts; default: those named '*security*'")
+
+
 class GoldsmithOptions(Strict):
     """The one block AIB has no field for: how Goldsmith schedules and runs the build.
 
@@ -337,19 +391,42 @@ class GoldsmithOptions(Strict):
 
     backend: Literal["local", "azure"] = "local"
     schedule: str | None = Field(None, description="cron expression or preset such as '@weekly'; none: on demand only")
-    rebuild: Literal["onChange", "always"] = Field(
-        "onChange", description="onChange: a scheduled run skips when source, template and scripts are unchanged"
+    rebuild: Literal["onChange", "always", "onUpdates"] = Field(
+        "onChange", description="onChange: a scheduled run skips when source, template and scripts are unchanged; "
+        "onUpdates: it also builds when the image's apt sources carry newer versions of its packages"
     )
     reuseLayers: bool = Field(
-        True, description="start from cached step layers of earlier runs (local backend); never with rebuild 'always'"
+        True, description="start from cached step layers of earlier runs (local backend); only with rebuild 'onChange'"
     )
+    sbom: SbomPolicy = Field(default_factory=SbomPolicy)
     retries: Annotated[int, Field(ge=0, le=10)] = 2
     retryDelaySeconds: Annotated[int, Field(ge=1, le=3600)] = 30
-    owner: str = "goldsmith"
-    tags: list[str] = Field(default_factory=list, description="extra DAG tags")
+    owner: Annotated[str, Field(min_length=1, max_length=500)] = "goldsmith"
+    tags: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+        default_factory=list, max_length=50, description="extra DAG tags (Airflow stores at most 100 characters)"
+    )
     description: str | None = None
     azureConnectionId: str = Field("azure_default", description="Airflow connection used by the azure backend")
     sourceTrigger: bool = Field(
         False, description="AIB's SourceImage trigger: rebuild when the source gets a new version (polled)"
     )
     sourcePollSeconds: Annotated[int, Field(ge=10, le=86400)] = 300
+    secrets: dict[SecretName, SecretRef] = Field(
+        default_factory=dict,
+        description="environment variables for Shell customizers and validators, read from Airflow connections "
+        "and variables at build time and masked in logs (never written in the template)",
+    )
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        # Checked here, not by Airflow: a cron Airflow refuses would drop the DAG without its placeholder.
+        if value is None or value in SCHEDULE_PRESETS:
+            return value
+        if len(value.split()) != 5 or not croniter.is_valid(value):
+            raise ValueError(f"'{value}' is not a cron expression (five fields, e.g. '0 3 * * 1') nor one of "
+                             f"{', '.join(SCHEDULE_PRESETS)}")
+        return value
+
+
+SCHEDULE_PRESETS = ("@once", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly", "@annually")

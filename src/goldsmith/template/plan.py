@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict
 
+from goldsmith.local.vmsizes import VmSizeError, vm_size
 from goldsmith.template import model as m
 from goldsmith.template.loader import LoadedTemplate, Problem, TemplateError
 
@@ -76,6 +77,12 @@ def backend_problems(loaded: LoadedTemplate) -> list[Problem]:
                                         "images: set \"goldsmith\": {\"backend\": \"azure\"} in the template")
             for path, kind in windows
         ]
+        profile = props.vmProfile
+        try:
+            vm_size(profile.vmSize if profile else None)
+        except VmSizeError as e:
+            problems.append(Problem(loaded.where("properties.vmProfile.vmSize"), str(e).removeprefix(
+                "vmProfile.vmSize ")))
     return problems
 
 
