@@ -118,7 +118,7 @@ def test_seed_iso_has_the_cidata_label_the_user_and_the_key(tmp_path):
     assert iso[0x8028:0x8028 + 6] == b"cidata"  # primary volume descriptor's volume id
     assert b'"name": "packer"' in iso and KEY.encode() in iso and b"NOPASSWD:ALL" in iso
     assert b'"ssh_genkeytypes": [\n    "ed25519"' in iso and b'"local-hostname": "buildvm"' in iso
-    assert f'"instance-id": "goldsmith-{tmp_path.name}-disk-3"'.encode() in iso  # one instance per launched disk
+    assert f'"instance-id": "goldsmith-{tmp_path.name}-disk-3-'.encode() in iso  # one instance per launch
     assert [p.name for p in tmp_path.iterdir()] == ["seed.iso"]  # the seed's source files are gone
 
 

@@ -299,8 +299,10 @@ def _write_seed(staging: Path, disk: Path, user: str, key: str, hostname: str) -
         "ssh_pwauth": False,
         "disable_root": True,
     }
-    # One instance per launch: a VM started from a step layer runs cloud-init's per-instance modules again.
-    meta_data = {"instance-id": f"goldsmith-{staging.name}-{disk.stem}"[-250:], "local-hostname": hostname}
+    # One instance per launch: a VM started from a step layer runs cloud-init's per-instance modules again (its
+    # key, new host keys), even a resume in the same run, whose staging and disk names repeat the first boot's.
+    instance = f"goldsmith-{staging.name}-{disk.stem}-{time.time_ns():x}"[-250:]
+    meta_data = {"instance-id": instance, "local-hostname": hostname}
     with tempfile.TemporaryDirectory(dir=staging, prefix=".seed-") as tmp:
         (Path(tmp) / "user-data").write_text("#cloud-config\n" + json.dumps(user_data, indent=2) + "\n")
         (Path(tmp) / "meta-data").write_text(json.dumps(meta_data) + "\n")
