@@ -229,3 +229,26 @@ class AirflowApi:
     def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
         value = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}")["value"]
         return json.loads(value) if isinstance(value, str) else value
+
+
+@contextmanager
+def live_airflow(root: Path, templates: Path, request: Any, **extra_env: str) -> Iterator[tuple[AirflowApi, dict[str, str]]]:
+    """Airflow on its own PostgreSQL over `templates`, GOLDSMITH_HOME in root/home (and `extra_env`); yields the
+    REST client and the components' environment. On a failed test it prints the ends of the components' logs; afterwards it asserts
+    that no process it started (build VMs included) outlived it."""
+    from goldsmith.airflow_env import airflow_environ
+
+    marker, api_port, failed_before = secrets.token_hex(8), free_port(), request.session.testsfailed
+    logs = root / "logs"
+    with postgres(marker) as db_url:
+        env = {**airflow_environ(root / "airflow", templates, root / "home"), **airflow_settings(db_url, api_port),
+               **extra_env, LIVE_MARKER: marker}
+        with airflow_components(env, logs, api_port) as api:
+            yield api, env
+            if request.session.testsfailed > failed_before:
+                for component in COMPONENTS:
+                    print(f"\n--- {logs / component}.log (end) ---\n{tail(logs / f'{component}.log')}")
+    leftovers = marked_processes(marker)
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    assert not leftovers, f"processes outlived Airflow and PostgreSQL: {leftovers}"

@@ -10,10 +10,7 @@ software emulation).
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
-import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +19,11 @@ from typing import Any, Iterator
 import pytest
 
 from goldsmith import lineage
-from goldsmith.airflow_env import AIRFLOW, airflow_environ
+from goldsmith.airflow_env import AIRFLOW
 from goldsmith.dag_factory import BUILD_VM_POOL
 from goldsmith.local import catalog
 from goldsmith.local.gallery import LocalGallery
-from live_airflow import (COMPONENTS, LIVE_MARKER, AirflowApi, airflow_components, airflow_settings, free_port,
-                          marked_processes, postgres, tail, wait_until)
+from live_airflow import AirflowApi, live_airflow, wait_until
 
 pytestmark = [pytest.mark.vm, pytest.mark.airflow]
 
@@ -79,20 +75,8 @@ def live(tmp_path_factory: pytest.TempPathFactory, base_image: Path, request: py
                        {"type": "VHD", "runOutputName": "vhd"}],
     }, sourceTrigger=True, sourcePollSeconds=10)
 
-    marker, api_port, failed_before = secrets.token_hex(8), free_port(), request.session.testsfailed
-    logs = root / "logs"
-    with postgres(marker) as db_url:
-        env = {**airflow_environ(root / "airflow", templates, root / "home"), **airflow_settings(db_url, api_port),
-               LIVE_MARKER: marker}
-        with airflow_components(env, logs, api_port) as api:
-            yield Live(api, env)
-            if request.session.testsfailed > failed_before:
-                for component in COMPONENTS:
-                    print(f"\n--- {logs / component}.log (end) ---\n{tail(logs / f'{component}.log')}")
-    leftovers = marked_processes(marker)
-    for pid in leftovers:
-        os.kill(pid, signal.SIGKILL)
-    assert not leftovers, f"processes outlived Airflow and PostgreSQL: {leftovers}"
+    with live_airflow(root, templates, request) as (api, env):
+        yield Live(api, env)
 
 
 def asset_events(api: AirflowApi, **filters: Any) -> list[dict[str, Any]]:

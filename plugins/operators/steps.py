@@ -16,7 +16,7 @@ from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
 from goldsmith import affinity, changes, lineage, runoutputs, runpolicy, secrets, updates
-from goldsmith.core import Build, BuildError, Pending, backend_for, trigger_for
+from goldsmith.core import Build, BuildError, Pending, Reused, backend_for, trigger_for
 from goldsmith.links import ArtifactLink
 from goldsmith.template.loader import TemplateError, load_template
 from goldsmith.template.plan import BuildPlan, make_plan
@@ -42,7 +42,8 @@ class GoldsmithStepOperator(BaseOperator):
             values = secrets.resolve(plan.options.secrets) if self.needs_secrets else {}
         except secrets.SecretError as e:
             raise AirflowException(str(e)) from None  # retried: a connection may be created meanwhile
-        return Build(plan, context["dag"].dag_id, context["run_id"], dict(context["params"]), self.log, values)
+        return Build(plan, context["dag"].dag_id, context["run_id"], dict(context["params"]), self.log, values,
+                     source=context["ti"].xcom_pull(task_ids="plan", key="source") or {})
 
     def execute(self, context: Context) -> Any:
         build = self.build(context)
@@ -54,6 +55,9 @@ class GoldsmithStepOperator(BaseOperator):
             try:
                 # Goldsmith's own XCom never carries a credential that a URI in the template held.
                 return secrets.strip_secrets_json(self.run_step(build, context))
+            except Reused as e:
+                self.log.info("%s", e)  # Airflow logs a skip without its message
+                raise AirflowSkipException(str(e)) from None
             except BuildError as e:
                 # Bad input or a refused operation: a retry would fail the same way. Anything else is retried.
                 raise AirflowFailException(secrets.strip_secrets(str(e))) from None

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from datetime import datetime, timezone
 from typing import Any, Sequence
 
 from goldsmith.template import model as m
@@ -221,6 +222,34 @@ def _template_options(p: argparse.ArgumentParser) -> None:
                    help="check the structure, leaving <tokens> and ARM parameters without a value unresolved")
 
 
+def cmd_cache_list(args: argparse.Namespace) -> int:
+    from goldsmith.local.layers import LayerCache
+
+    cache = LayerCache()
+    entries = cache.entries() if cache.root.is_dir() else []
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    for e in reversed(entries):  # most recently used first
+        used = datetime.fromtimestamp(e["lastUsed"], timezone.utc).strftime("%Y-%m-%d %H:%M")
+        print(f"{e['key'][:16]}  {e['size'] / 2**20:8.1f} MiB  used {used}{'  in use' if e['inUse'] else ''}"
+              f"  {e.get('template', '-')} {e.get('task', '-')}  run {e.get('run', '-')}")
+    print(f"{len(entries)} layer(s), {sum(e['size'] for e in entries) / 2**30:.2f} GiB in {cache.root}")
+    return 0
+
+
+def cmd_cache_prune(args: argparse.Namespace) -> int:
+    from goldsmith.local.layers import LayerCache, LayerError
+
+    try:
+        limit = None if args.max_gb is None else int(args.max_gb * 2**30)
+        removed = LayerCache().prune(limit) if LayerCache().root.is_dir() else []
+    except LayerError as e:
+        raise UsageError(str(e)) from None
+    print(f"removed {len(removed)} layer(s)")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="goldsmith", description="Golden VM images as Airflow DAGs, from AIB templates.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -265,6 +294,15 @@ def parser() -> argparse.ArgumentParser:
     gl = gs.add_parser("list", help="image definitions, versions and managed images, with their provenance")
     gl.add_argument("--json", action="store_true")
     gl.set_defaults(func=cmd_gallery_list)
+    c = sub.add_parser("cache", help="the step layers of local builds ($GOLDSMITH_LAYERS)")
+    cs = c.add_subparsers(dest="cache_command", required=True)
+    cl = cs.add_parser("list", help="layers, most recently used first, with their step, run and size")
+    cl.add_argument("--json", action="store_true")
+    cl.set_defaults(func=cmd_cache_list)
+    cp = cs.add_parser("prune", help="evict least recently used layers not in use down to a size")
+    cp.add_argument("--max-gb", type=float, help="the size to keep (default $GOLDSMITH_LAYERS_MAX_GB or 20; 0: "
+                    "every layer not in use)")
+    cp.set_defaults(func=cmd_cache_prune)
     return p
 
 

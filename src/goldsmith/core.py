@@ -58,6 +58,11 @@ class BuildError(Exception):
     """A build step failed for a reason the user can act on; the message says which and how."""
 
 
+class Reused(Exception):
+    """Raised by a step whose result a cached layer already holds (goldsmith.local.layers): the task shows as
+    skipped, with this message saying which layer from which run."""
+
+
 class Pending(Exception):
     """Raised by a step that started long operations: wait until `wait` is over, then call the step again; it
     continues from what exists. `wait` is plain JSON (it goes to XCom): {"trigger": a TRIGGERS name, **the
@@ -90,6 +95,7 @@ class Build:
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("goldsmith.build"))
     # goldsmith.secrets, resolved (and masked) by the customize/validate task that needs them; never in XCom.
     secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
+    source: dict[str, Any] = field(default_factory=dict)  # the plan's resolved source (`resolve_source`)
 
     @property
     def guid(self) -> str:

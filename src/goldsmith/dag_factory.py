@@ -192,6 +192,13 @@ def build_dag(loaded: LoadedTemplate, assets: dict[str, Asset], place: affinity.
                 ]
             chain((validate or customize or [provision])[-1], generalize, capture, distribute)
             chain(distribute, cleanup)
+        if o.backend == "local":
+            # A step whose cached layer the build started from is skipped (goldsmith.local.layers); the steps
+            # after it still run, and a run skipped at `plan` still skips them all through provision.
+            for task in [*customize, *validate, *([] if source_only else [generalize])]:
+                if task.trigger_rule == "all_success":
+                    task.trigger_rule = "none_failed_min_one_success"
+                    provision >> task
         # A teardown runs whatever failed upstream and does not decide the run's state.
         cleanup.as_teardown(setups=prepare)
     return dag

@@ -10,7 +10,7 @@ written to the local gallery's metadata (`record`), to run outputs (`output_extr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 # Azure tags (names <= 512, values <= 256 characters): an ARM id fits in a value.
 TAG_TEMPLATE, TAG_DIGEST, TAG_DAG, TAG_RUN, TAG_SOURCE, TAG_SOURCE_VERSION, TAG_SOURCE_TYPE = (
@@ -50,24 +50,29 @@ class Provenance:
     parents: tuple[str, ...] = field(default=())
     # The build's SBOM reference (sha256, packages, uri: sbom.SbomRef as JSON), when the build made one.
     sbom: Mapping[str, Any] | None = field(default=None, compare=False)
+    # The cached step layers the image was built from instead of running those steps (local/layers.py).
+    layers: tuple[Mapping[str, Any], ...] = field(default=(), compare=False)
 
     @classmethod
     def of(cls, source: Mapping[str, Any], *, template: str, digest: str, dag_id: str, run_id: str,
-           sbom: Mapping[str, Any] | None = None) -> Provenance:
+           sbom: Mapping[str, Any] | None = None, layers: Sequence[Mapping[str, Any]] = ()) -> Provenance:
         """A build's provenance from its resolved source (the plan's `source` XCom)."""
         ref = SourceRef.from_json(source)
-        return cls(ref, template, digest, dag_id, run_id, tuple(source.get("parents") or ref.parents), sbom)
+        return cls(ref, template, digest, dag_id, run_id, tuple(source.get("parents") or ref.parents), sbom,
+                   tuple(layers))
 
     def record(self) -> dict[str, Any]:
         """As the local gallery's metadata holds it (`provenance`)."""
         return {"source": self.source.json(), "template": self.template, "templateDigest": self.templateDigest,
                 "dagId": self.dagId, "runId": self.runId, "parents": list(self.parents),
-                **({"sbom": dict(self.sbom)} if self.sbom else {})}
+                **({"sbom": dict(self.sbom)} if self.sbom else {}),
+                **({"layers": [dict(x) for x in self.layers]} if self.layers else {})}
 
     @classmethod
     def from_record(cls, data: Mapping[str, Any]) -> Provenance:
         return cls(SourceRef.from_json(data.get("source") or {}), data["template"], data.get("templateDigest") or "",
-                   data.get("dagId") or "", data["runId"], tuple(data.get("parents") or ()), data.get("sbom"))
+                   data.get("dagId") or "", data["runId"], tuple(data.get("parents") or ()), data.get("sbom"),
+                   tuple(data.get("layers") or ()))
 
     def output_extra(self) -> dict[str, Any]:
         """The `goldsmith` part of a run output."""

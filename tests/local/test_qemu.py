@@ -113,11 +113,12 @@ def test_state_round_trips_through_vm_json(tmp_path):
 
 
 def test_seed_iso_has_the_cidata_label_the_user_and_the_key(tmp_path):
-    qemu._write_seed(tmp_path, "packer", KEY, "buildvm")
+    qemu._write_seed(tmp_path, tmp_path / "disk-3.qcow2", "packer", KEY, "buildvm")
     iso = (tmp_path / "seed.iso").read_bytes()
     assert iso[0x8028:0x8028 + 6] == b"cidata"  # primary volume descriptor's volume id
     assert b'"name": "packer"' in iso and KEY.encode() in iso and b"NOPASSWD:ALL" in iso
     assert b'"ssh_genkeytypes": [\n    "ed25519"' in iso and b'"local-hostname": "buildvm"' in iso
+    assert f'"instance-id": "goldsmith-{tmp_path.name}-disk-3-'.encode() in iso  # one instance per launch
     assert [p.name for p in tmp_path.iterdir()] == ["seed.iso"]  # the seed's source files are gone
 
 

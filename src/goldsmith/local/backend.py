@@ -5,12 +5,18 @@ build makes: the ephemeral SSH key, the copy-on-write overlay over the source di
 VM's pid/port (vm.json), its serial console log, `ready` (the VM boot that has answered SSH with cloud-init
 done, so later steps connect at once) and the captured image. Every step finds its inputs there by name, so
 steps run in separate processes and a retried step adopts what an earlier try made.
+
+The VM's disk is a chain of overlays `disk-<n>.qcow2`: after each customize and validate step the live one is
+frozen and copied into the layer cache (goldsmith.local.layers, `layers.json` here). So provision starts from
+the longest cached chain of the template's first steps, a step whose earlier try ran restarts from the disk
+before it, and a cleared step whose staging area was removed boots from the layer of the step before it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -21,9 +27,9 @@ from typing import Any, Iterator
 
 
 from goldsmith import affinity, buildsbom, confine, customizers, runoutputs, sbom, updates
-from goldsmith.core import Build, BuildError
+from goldsmith.core import Build, BuildError, Reused
 from goldsmith.communicator import CommunicatorError, SSHCommunicator, create_build_key
-from goldsmith.local import baseimage, catalog, disk, qemu, vmsizes
+from goldsmith.local import baseimage, catalog, disk, layers, qemu, savedstate, vmsizes
 from goldsmith.local.gallery import GalleryError, LocalGallery
 from goldsmith.local.sources import LocalSources
 from goldsmith.provenance import Provenance
@@ -32,7 +38,7 @@ from goldsmith.template.plan import Step
 
 BUILD_USER = "goldsmith"
 MARKER = ".goldsmith-staging"
-SSH_READY_TIMEOUT = 600  # seconds: boot to SSH under software emulation takes 60-90 s, cloud-init more
+SSH_READY_TIMEOUT = 1200  # seconds: boot to SSH under emulation takes 60-90 s idle, over 10 min on a loaded host
 READY = "ready"  # holds the started_at of the QEMU whose guest answered SSH with cloud-init done
 QUICK_CONNECT_TIMEOUT = 30  # seconds for a guest known to be up to accept a connection
 
@@ -76,22 +82,54 @@ class LocalBackend:
     def provision(self, source: dict[str, Any]) -> dict[str, Any]:
         self._require_staging()
         vm = qemu.VMState.load(self.staging)
+        chain = layers.StagingChain(self.staging)
         if vm and vm.is_running():
             self.log.info("adopting the running build VM (pid %s, ssh port %s)", vm.pid, vm.port)
+        elif vm:
+            vm = vm.relaunch()
         else:
-            overlay = self.staging / "os.qcow2"
-            if not overlay.exists():
-                disk.create_overlay(self._source_disk(source), overlay, self._os_disk_size_gb())
+            reused, backing = self._cached_start(source)
+            vm = self._boot(backing)
+            chain.started(len(reused), backing if reused else None, reused)
+        self._ready(vm)
+        return {"pid": vm.pid, "port": vm.port, "accel": vm.accel, "reusedSteps": len(chain.state["reused"])}
+
+    def _boot(self, backing: Path) -> qemu.VMState:
+        """A new build VM on a fresh overlay over `backing` (the source disk or a layer): from the source's
+        saved running state where one can be used (seconds), else a cold boot."""
+        try:
+            vcpus, memory_mib = vmsizes.vm_size(self._vm_size())
+        except vmsizes.VmSizeError as e:
+            raise BuildError(str(e)) from None
+        public_key = (self.staging / "id_ed25519.pub").read_text().strip()
+        launch = functools.partial(qemu.launch, self.staging, vcpus=vcpus, memory_mib=memory_mib, user=BUILD_USER,
+                                   hostname=self.build.plan.name, key_path=self.staging / "id_ed25519")
+        if savedstate.enabled() and backing == self._source_disk(self._source) and not self._os_disk_size_gb():
+            vm = None
             try:
-                vcpus, memory_mib = vmsizes.vm_size(self._vm_size())
-            except vmsizes.VmSizeError as e:
-                raise BuildError(str(e)) from None
-            self.log.info("starting build VM %s: %d vCPU, %d MiB", self._vm_size(), vcpus, memory_mib)
-            vm = qemu.launch(
-                self.staging, overlay, vcpus=vcpus, memory_mib=memory_mib, user=BUILD_USER,
-                ssh_public_key=(self.staging / "id_ed25519.pub").read_text().strip(),
-                hostname=self.build.plan.name, key_path=self.staging / "id_ed25519",
-            )
+                state = savedstate.ensure(backing, vcpus, memory_mib, qemu.choose_accel()[0])
+                why = savedstate.usable(state)
+                if why is None:
+                    vm = launch(disk.create_overlay(state.disk, self._next_disk()), ssh_public_key=public_key,
+                                incoming=state.stream)
+                    with SSHCommunicator("127.0.0.1", vm.port, BUILD_USER, state.key) as comm:
+                        comm.wait_until_ready(QUICK_CONNECT_TIMEOUT, cloud_init=False)
+                        savedstate.hand_over(comm, build_key=public_key, hostname=vm.hostname)
+                    self.log.info("build VM %s started from the saved state of %s", self._vm_size(), backing)
+                    return vm
+            except (savedstate.SavedStateError, qemu.VMError, CommunicatorError, disk.DiskError) as e:
+                why = str(e)
+                if vm and vm.is_running():
+                    vm.stop(timeout=10)
+            self.log.warning("cold boot: the saved state can't be used (%s)", why)
+        overlay = disk.create_overlay(backing, self._next_disk(), self._os_disk_size_gb())
+        self.log.info("starting build VM %s: %d vCPU, %d MiB, from %s", self._vm_size(), vcpus, memory_mib, backing)
+        return launch(overlay, ssh_public_key=public_key)
+
+    def _next_disk(self) -> Path:
+        return self.staging / f"disk-{len(list(self.staging.glob('disk-*.qcow2')))}.qcow2"
+
+    def _ready(self, vm: qemu.VMState) -> None:
         started = time.monotonic()
         with self._connect(vm) as comm:
             # cloud-init has done its work: the base image's GRUB skips it at the build VM's later boots.
@@ -99,7 +137,6 @@ class LocalBackend:
             _run_root(comm, f"touch {baseimage.BUILD_VM_MARKER} && sync")
         self.log.info("build VM ready: ssh on 127.0.0.1:%s after %.0f s (%s)", vm.port, time.monotonic() - started,
                       vm.accel)
-        return {"pid": vm.pid, "port": vm.port, "accel": vm.accel}
 
     def _source_disk(self, source: dict[str, Any]) -> Path:
         if source.get("path"):
@@ -116,6 +153,106 @@ class LocalBackend:
     def _os_disk_size_gb(self) -> int | None:
         profile = self.build.plan.template.properties.vmProfile
         return (profile.osDiskSizeGB if profile else 0) or None
+
+    # --- layers -----------------------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def _source(self) -> dict[str, Any]:
+        """The plan's resolved source (the operators pass it; a caller of the backend alone may not)."""
+        return self.build.source or self.resolve_source()
+
+    def _keys(self) -> list[str]:
+        return layers.chain_keys(self.build.plan, self._source, self._os_disk_size_gb())
+
+    def _reuse_across_runs(self) -> bool:
+        """Patch rebuilds stay honest: the same step definitions give another disk a week later."""
+        options = self.build.plan.options
+        return options.reuseLayers and options.rebuild == "onChange" and not self.build.params.get("forceRebuild")
+
+    def _cached_start(self, source: dict[str, Any]) -> tuple[list[dict[str, Any]], Path]:
+        """The steps a cached chain already did (task, key, run) and the disk to start from."""
+        base, keys = self._source_disk(source), layers.chain_keys(self.build.plan, source, self._os_disk_size_gb())
+        cache = layers.LayerCache()
+        k, layer = cache.longest(keys, base, run_key=None if self._reuse_across_runs() else self.build.run_key)
+        if not layer:
+            return [], base
+        cache.ref(layer.key, self.staging)
+        steps = layers.layered_steps(self.build.plan)[:k]
+        reused = [{"task": s.task_id, "key": key, "run": (cache.meta(key) or {}).get("run")}
+                  for s, key in zip(steps, keys)]
+        self.log.info("starting from the cached layer of %s (run %s): %d of %d steps reused", steps[-1].task_id,
+                      reused[-1]["run"], k, len(keys))
+        return reused, layer.path
+
+    def _step_session(self, step: Step) -> tuple[qemu.VMState, SSHCommunicator, int]:
+        """The VM with its disk as the step before `step` left it, booted from a layer if need be."""
+        if not (self.staging / MARKER).exists():  # cleared without its setup ("clear failed"): resume all the same
+            self.log.warning("no staging area (cleanup_staging removed it): making it again to resume")
+            self.prepare_staging()
+        chain = layers.StagingChain(self.staging)
+        position = layers.layered_steps(self.build.plan).index(step)
+        if position < len(chain.state["reused"]):
+            r = chain.state["reused"][position]
+            raise Reused(f"{step.task_id}: already in the cached layer {r['key'][:16]} made by run {r['run']}")
+        vm = qemu.VMState.load(self.staging)
+        if vm is None or (chain.state["dirty"] and chain.at == position):
+            if vm:  # an earlier try of this step changed the disk: start again from the disk before it
+                self.log.warning("an earlier try of %s ran on the build VM: restarting it from the disk before",
+                                 step.task_id)
+                vm.stop(timeout=60)
+            backing = self._disk_before(position, chain)
+            self._ready(self._boot(backing))
+            chain.started(position, backing if position else None)
+        chain.mark_dirty()
+        vm, comm = self._session()
+        return vm, comm, position
+
+    def _disk_before(self, position: int, chain: layers.StagingChain) -> Path:
+        """The frozen disk after step `position - 1`: this build's own, or the layer cache's (a resume after
+        cleanup_staging removed the staging area)."""
+        if position == 0:
+            return self._source_disk(self._source)
+        if chain.frozen(position - 1):
+            return chain.frozen(position - 1)
+        cache, key = layers.LayerCache(), self._keys()[position - 1]
+        layer = cache.get(key, self._source_disk(self._source))
+        previous = layers.layered_steps(self.build.plan)[position - 1].task_id
+        if layer is None or (not self._reuse_across_runs() and layer.meta.get("run") != self.build.run_key):
+            raise BuildError(f"can't resume: the layer of {previous} ({key[:16]}) is not in the layer cache "
+                             f"{cache.root} (evicted, or never written): clear the run from provision instead")
+        cache.ref(key, self.staging)
+        self.log.info("resuming from the cached layer of %s (run %s)", previous, layer.meta.get("run"))
+        return layer.path
+
+    def _freeze(self, step: Step, position: int) -> None:
+        """Makes the disk after `step` a layer: frozen in the staging area, copied into the layer cache."""
+        chain = layers.StagingChain(self.staging)
+        if chain.at != position:  # a step re-run after later ones: its disk is not the step's alone
+            return
+        vm, comm = self._session()
+        authorized = f"/home/{BUILD_USER}/.ssh/authorized_keys"
+        with comm:
+            # A VM started from the layer must run cloud-init (its own key and host keys) and accept no key of
+            # this build: the layer gets neither the marker nor the key. /run is a tmpfs, not in the layer.
+            _run_root(comm, f"sh -c 'cp {authorized} /run/goldsmith-keys && : > {authorized} && "
+                            f"rm -f {baseimage.BUILD_VM_MARKER} && sync'")
+            frozen = Path(vm.disk)
+            try:
+                vm.snapshot_disk(self._next_disk())
+            finally:
+                _run_root(comm, f"sh -c 'cat /run/goldsmith-keys > {authorized} && touch {baseimage.BUILD_VM_MARKER}'")
+        chain.frozen_after(position, frozen)
+        keys = self._keys()
+        try:
+            layer = layers.LayerCache().store(
+                keys[position], frozen, parent=keys[position - 1] if position else None,
+                base=self._source_disk(self._source),
+                info={"task": step.task_id, "run": self.build.run_key, "template": self.build.plan.name})
+        except (layers.LayerError, OSError) as e:  # the build goes on; only a later reuse is lost
+            self.log.warning("could not cache the layer of %s: %s", step.task_id, e)
+            return
+        if layer:
+            self.log.info("layer of %s: %s (%.0f MiB)", step.task_id, layer.key[:16], layer.meta["size"] / 2**20)
 
     def _session(self) -> tuple[qemu.VMState, SSHCommunicator]:
         """The build VM, booted if it is down (a customizer rebooted it), and an SSH session to it."""
@@ -161,7 +298,7 @@ class LocalBackend:
 
     def customize(self, step: Step) -> dict[str, Any]:
         c = step.item
-        vm, comm = self._session()
+        vm, comm, position = self._step_session(step)
         try:
             with comm:
                 if customizers.run_linux_customizer(comm, c, name=step.name, on_line=self._on_line,
@@ -171,6 +308,7 @@ class LocalBackend:
                     _sync(comm)
         except customizers.CustomizerError as e:  # downloads were already retried inside fetch()
             raise BuildError(f"{step.task_id}: {e}") from None
+        self._freeze(step, position)
         return {"step": step.task_id}
 
     def _wait_out_reboot(self, vm: qemu.VMState) -> None:
@@ -185,13 +323,14 @@ class LocalBackend:
 
     def validate(self, step: Step) -> dict[str, Any]:
         v = step.item
-        _, comm = self._session()
+        _, comm, position = self._step_session(step)
         try:
             with comm:
                 customizers.run_linux_validator(comm, v, name=step.name, on_line=self._on_line,
                                                 secrets=self.build.secrets)
         except customizers.CustomizerError as e:
             raise BuildError(f"{step.task_id}: validation failed: {e}") from None
+        self._freeze(step, position)
         return {"step": step.task_id, "passed": True}
 
     # --- generalize, capture, distribute -----------------------------------------------------------------------
@@ -224,7 +363,7 @@ class LocalBackend:
                 raise BuildError("capture: the VM was not generalized")
             tmp = image.with_suffix(".tmp")
             # Flattens the overlay, compressed (zstd on every core: seconds, and a third of the size).
-            disk.to_qcow2(self.staging / "os.qcow2", tmp)
+            disk.to_qcow2(Path(qemu.VMState.load(self.staging).disk), tmp)
             tmp.rename(image)
         return {"image": str(image), "virtualSize": disk.virtual_size(image)}
 
@@ -237,7 +376,8 @@ class LocalBackend:
         files = {sbom.FILE_NAME: buildsbom.path(self.build)} if bom else {}
         provenance = Provenance.of(source, template=plan.name, digest=plan.digest, dag_id=self.build.dag_id,
                                    run_id=self.build.run_id,
-                                   sbom={**bom, "uri": ""} if bom else None)  # beside the artifact; lineage fills in where
+                                   sbom={**bom, "uri": ""} if bom else None,  # beside the artifact; lineage fills in where
+                                   layers=layers.StagingChain(self.staging).state["reused"])  # steps it did not run
         try:
             if d.type == "VHD":
                 artifact_id, artifact_uri = None, self._write_vhd(d, image)
@@ -325,6 +465,7 @@ class LocalBackend:
             return {"removed": False, "kept": str(self.staging), "sshPort": vm.port}
         if vm and vm.is_running():
             vm.stop(timeout=30)
+        layers.LayerCache().unref(self.staging)
         shutil.rmtree(self.staging)
         self.log.info("removed staging area %s", self.staging)
         return {"removed": True}

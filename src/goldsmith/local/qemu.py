@@ -100,6 +100,7 @@ class VMState:
     key_path: str | None
     argv: list[str] = field(default_factory=list)
     started_at: float = 0.0
+    incoming: str | None = None  # a saved state (goldsmith.local.savedstate) the next start resumes from
 
     @property
     def path(self) -> Path:
@@ -161,7 +162,7 @@ class VMState:
         """ACPI power-off via QMP; SIGTERM, then SIGKILL, if the guest doesn't go within ``timeout``."""
         if self.is_running():
             try:
-                _qmp(self.path, "system_powerdown")
+                qmp(self.path, "system_powerdown")
                 powered_down = self.wait_exit(timeout)
                 if not powered_down:
                     log.warning("build VM pid %d ignored ACPI power-off for %.0f s; terminating it", self.pid, timeout)
@@ -187,6 +188,15 @@ class VMState:
             time.sleep(0.5)
         return True
 
+    def snapshot_disk(self, overlay: Path) -> None:
+        """Freezes the running VM's disk: from now on it writes to the new qcow2 ``overlay`` over it (QMP
+        blockdev-snapshot-sync, no pause the guest notices); the old file is left to be read only."""
+        overlay = Path(overlay).resolve()
+        qmp(self.path, "blockdev-snapshot-sync", timeout=60,
+             arguments={"device": "virtio0", "snapshot-file": str(overlay), "format": "qcow2"})
+        self.disk = str(overlay)  # a relaunch boots the new top; argv (is_running) stays this QEMU's
+        self.save()
+
     def _diagnostics(self) -> str:
         return (f"{QEMU_LOG} (end):\n{_tail(self.path / QEMU_LOG, 15)}\n"
                 f"{CONSOLE_LOG} (end):\n{_tail(self.path / CONSOLE_LOG, 25)}")
@@ -202,6 +212,7 @@ def launch(
     ssh_public_key: str,
     hostname: str,
     key_path: Path | None = None,
+    incoming: Path | None = None,
 ) -> VMState:
     """Boot ``disk`` (qcow2, usually an overlay) as the build VM of ``staging_dir``; returns at once.
 
@@ -218,16 +229,34 @@ def launch(
     previous = VMState.load(staging)
     if previous and previous.is_running():
         raise VMError(f"a build VM already runs in {staging}; adopt it with VMState.load() or stop it first")
-    _write_seed(staging, user, ssh_public_key.strip(), hostname)
+    _write_seed(staging, disk, user, ssh_public_key.strip(), hostname)
     accel, why = choose_accel()
     log.info("build VM accel %s: %s", accel, why)
     state = VMState(
         staging_dir=str(staging), disk=str(disk), pid=0, port=_free_port(), accel=accel, accel_reason=why,
         vcpus=_cap_vcpus(vcpus), memory_mib=_cap_memory(memory_mib), user=user, hostname=hostname,
-        key_path=str(key_path) if key_path else None,
+        key_path=str(key_path) if key_path else None, incoming=str(incoming) if incoming else None,
     )
     _start(state)
+    if incoming:
+        _wait_resumed(state)
     return state
+
+
+def _wait_resumed(state: VMState, timeout: float = 120) -> None:
+    """Until the VM started from a saved state runs (QEMU loads the stream, then runs it)."""
+    deadline = time.monotonic() + timeout
+    try:
+        while (status := qmp(state.path, "query-status")["status"]) != "running":
+            if status in ("paused", "postmigrate", "prelaunch"):
+                qmp(state.path, "cont")
+            elif status != "inmigrate" or time.monotonic() > deadline:
+                raise VMError(f"the VM from the saved state {state.incoming} is {status}, not running")
+            time.sleep(0.1)
+    except OSError:
+        raise VMError(f"QEMU exited loading the saved state {state.incoming}:\n{_tail(state.path / QEMU_LOG, 5)}") from None
+    state.incoming = None  # a relaunch (after a guest reboot) boots the disk
+    state.save()
 
 
 def _hostname(name: str) -> str:
@@ -270,7 +299,7 @@ def _cap_memory(memory_mib: int) -> int:
     return min(memory_mib, cap)
 
 
-def _write_seed(staging: Path, user: str, key: str, hostname: str) -> None:
+def _write_seed(staging: Path, disk: Path, user: str, key: str, hostname: str) -> None:
     """The NoCloud seed ISO (volume label cidata). JSON is valid YAML, and needs no YAML library."""
     user_data = {
         "users": [{"name": user, "sudo": "ALL=(ALL) NOPASSWD:ALL", "shell": "/bin/bash",
@@ -279,7 +308,10 @@ def _write_seed(staging: Path, user: str, key: str, hostname: str) -> None:
         "ssh_pwauth": False,
         "disable_root": True,
     }
-    meta_data = {"instance-id": f"goldsmith-{staging.name}"[:250], "local-hostname": hostname}
+    # One instance per launch: a VM started from a step layer runs cloud-init's per-instance modules again (its
+    # key, new host keys), even a resume in the same run, whose staging and disk names repeat the first boot's.
+    instance = f"goldsmith-{staging.name}-{disk.stem}-{time.time_ns():x}"[-250:]
+    meta_data = {"instance-id": instance, "local-hostname": hostname}
     with tempfile.TemporaryDirectory(dir=staging, prefix=".seed-") as tmp:
         (Path(tmp) / "user-data").write_text("#cloud-config\n" + json.dumps(user_data, indent=2) + "\n")
         (Path(tmp) / "meta-data").write_text(json.dumps(meta_data) + "\n")
@@ -318,6 +350,7 @@ def _argv(state: VMState) -> list[str]:
         "-chardev", f"file,id=console,path={CONSOLE_LOG},append=on", "-serial", "chardev:console",
         "-qmp", f"unix:{QMP_SOCKET},server=on,wait=off",
         "-pidfile", PID_FILE,
+        *(["-incoming", f"exec:cat {state.incoming}"] if state.incoming else []),
     ]
 
 
@@ -364,7 +397,7 @@ def _wait_started(state: VMState, timeout: float = 30) -> bool:
         if not _alive(state.pid):
             return False
         try:
-            _qmp(state.path, "query-status")
+            qmp(state.path, "query-status")
             return True
         except OSError:
             time.sleep(0.2)
@@ -396,7 +429,7 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
-def _qmp(staging: Path, command: str, timeout: float = 5) -> dict:
+def qmp(staging: Path, command: str, timeout: float = 5, arguments: dict | None = None) -> dict:
     """Run one QMP command on the VM's socket and return its result."""
     # Connect through /proc/self/fd: a staging dir path can exceed a socket path's 108 bytes.
     dir_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
@@ -406,8 +439,8 @@ def _qmp(staging: Path, command: str, timeout: float = 5) -> dict:
             sock.connect(f"/proc/self/fd/{dir_fd}/{QMP_SOCKET}")
             stream = sock.makefile("rwb")
             _qmp_read(stream)  # greeting
-            for execute in ("qmp_capabilities", command):
-                stream.write(json.dumps({"execute": execute}).encode() + b"\n")
+            for execute, args in (("qmp_capabilities", {}), (command, arguments or {})):
+                stream.write(json.dumps({"execute": execute, "arguments": args}).encode() + b"\n")
                 stream.flush()
                 reply = _qmp_read(stream)
                 while "return" not in reply and "error" not in reply:  # skip asynchronous events

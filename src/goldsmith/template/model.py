@@ -395,6 +395,9 @@ class GoldsmithOptions(Strict):
         "onChange", description="onChange: a scheduled run skips when source, template and scripts are unchanged; "
         "onUpdates: it also builds when the image's apt sources carry newer versions of its packages"
     )
+    reuseLayers: bool = Field(
+        True, description="start from cached step layers of earlier runs (local backend); only with rebuild 'onChange'"
+    )
     sbom: SbomPolicy = Field(default_factory=SbomPolicy)
     retries: Annotated[int, Field(ge=0, le=10)] = 2
     retryDelaySeconds: Annotated[int, Field(ge=1, le=3600)] = 30
