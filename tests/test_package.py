@@ -171,12 +171,12 @@ def test_installed_wheel_builds_as_an_unprivileged_user(site: dict, tmp_path: Pa
     assert not any((root / "home" / "staging").iterdir())
 
     # Extra links: Airflow stored each distribute task's link; the local one is its lineage record.
-    links = json.loads(run("python", "-c", LINKS).stdout)
+    links = json.loads(run("python", "-c", LINKS).stdout.splitlines()[-1])  # after any log lines
     assert set(links) == {"distribute.sig", "distribute.vhd"}
     for task_id, link in links.items():
         query = {k: v[0] for k, v in parse_qs(urlparse(link).query).items()}
         assert query["source_task_id"] == task_id and query["source_dag_id"] == "pkg-base"
-        events = json.loads(run("python", "-c", EVENTS, json.dumps(query)).stdout)
+        events = json.loads(run("python", "-c", EVENTS, json.dumps(query)).stdout.splitlines()[-1])
         assert len(events) == 1 and events[0]["templateDigest"].startswith("sha256:")
 
 
