@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 # Python, PEP 668).
 UV := $(or $(shell command -v uv),.uv/bin/uv)
 
-.PHONY: setup apt demo test test-fast lint bench clean up down
+.PHONY: setup apt demo test test-pending test-fast lint bench clean up down
 setup: apt $(STAMP)
 
 # Installs only what is missing, so a second run costs a dpkg query.
@@ -44,8 +44,13 @@ $(AZURITE):
 demo: setup
 	$(PY) -m goldsmith.demo
 
+# Tests marked `pending` belong to unfinished features (the compose deployment's workers, step layers on VMs):
+# they are kept runnable with `make test-pending` and out of `make test` until they pass.
 test: setup lint
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -m 'not pending' $(PYTEST_ARGS)
+
+test-pending: setup
+	$(VENV)/bin/pytest -q -m pending $(PYTEST_ARGS)
 
 # ruff over the whole tree, mypy over the files pyproject's [tool.mypy] lists.
 lint: setup

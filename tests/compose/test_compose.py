@@ -14,14 +14,12 @@ import pytest
 Deployment = Any  # the session fixture of conftest.py
 
 
-pytestmark = [pytest.mark.compose, pytest.mark.vm, pytest.mark.timeout(3600)]
+pytestmark = [pytest.mark.compose, pytest.mark.pending, pytest.mark.vm, pytest.mark.timeout(3600)]
 BUILD_TIMEOUT = 1500  # seconds: a Debian build under emulation on a loaded 2-core host
 VM_TASKS = ("prepare_staging", "provision", "customize", "validate", "generalize", "capture", "distribute",
             "cleanup_staging")
 
 
-@pytest.mark.skip(reason="not yet passing (issue 12): first run found the Celery workers on the default broker "
-                         "(stand-in entrypoint, fixed since) and has not been repeated")
 def test_the_ui_lists_only_goldsmith_dags_and_flower_answers(deployment: Deployment) -> None:
     dags = ac.DAGApi(deployment.client).get_dags()
     assert sorted(d.dag_id for d in dags.dags) == ["debian12-base", "debian12-golden"]  # no example DAGs
@@ -33,8 +31,6 @@ def test_the_ui_lists_only_goldsmith_dags_and_flower_answers(deployment: Deploym
     assert {"celery@build1", "celery@build2"} <= set(flower.json())  # both workers registered with Flower
 
 
-@pytest.mark.skip(reason="not yet run to completion (issue 12): the deployment came up on a host at load 30-90 but "
-                         "no build was finished through it before the session ended")
 def test_builds_stay_on_the_worker_that_holds_their_vm(deployment: Deployment) -> None:
     runs = ac.DagRunApi(deployment.client)
     base = runs.trigger_dag_run("debian12-base", ac.TriggerDAGRunPostBody(conf={}))
