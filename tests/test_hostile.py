@@ -157,10 +157,10 @@ def test_an_unexpected_error_is_a_placeholder_not_a_lost_folder(tmp_path, monkey
 
     real = factory.build_dag
 
-    def broken(loaded, assets):
+    def broken(loaded, *args, **kwargs):
         if loaded.name == "a":
             raise KeyError("https://u:pw@host/x?sig=SECRET")
-        return real(loaded, assets)
+        return real(loaded, *args, **kwargs)
 
     monkeypatch.setattr(factory, "build_dag", broken)
     dags = build_dags(tmp_path)

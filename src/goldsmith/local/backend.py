@@ -301,11 +301,12 @@ class LocalBackend:
         vm, comm, position = self._step_session(step)
         try:
             with comm:
-                if customizers.run_linux_customizer(comm, c, name=step.name, on_line=self._on_line,
-                                                 secrets=self.build.secrets):
+                rebooting = customizers.run_linux_customizer(comm, c, name=step.name, on_line=self._on_line,
+                                                             secrets=self.build.secrets)
+                # The sync also meets a reboot that `going_down` asked about too early (`systemctl reboot` is
+                # asynchronous): its connection drops, and the reboot is waited out like any other.
+                if rebooting or _sync_unless_going_down(comm):
                     self._wait_out_reboot(vm)  # a clean reboot has flushed the guest's writes
-                else:
-                    _sync(comm)
         except customizers.CustomizerError as e:  # downloads were already retried inside fetch()
             raise BuildError(f"{step.task_id}: {e}") from None
         self._freeze(step, position)
@@ -471,11 +472,17 @@ class LocalBackend:
         return {"removed": True}
 
 
-def _sync(comm: SSHCommunicator) -> None:
-    """Flushes the guest's page cache to the overlay: a customizer's layer survives a worker killed after it."""
+def _sync_unless_going_down(comm: SSHCommunicator) -> bool:
+    """Flushes the guest's page cache to the overlay (a customizer's layer survives a worker killed after it).
+
+    True when the guest went down instead: the connection dropped because the step had started a reboot.
+    """
     result = comm.run("sync")
+    if result.disconnected:
+        return True
     if result.exit_code != 0:
-        raise RuntimeError(f"sync failed in the build VM (exit {result.exit_code}): {' | '.join(result.tail)}")
+        raise BuildError(f"sync failed in the build VM (exit {result.exit_code}): {' | '.join(result.tail)}")
+    return False
 
 
 def _run_root(comm: SSHCommunicator, command: str) -> None:
