@@ -31,7 +31,7 @@ class _Provenance(_Record):
     source: _Source
     template: str
     templateDigest: str
-    dagId: str
+    dagId: str | None  # None: a version published outside Goldsmith (an import, a vendor drop)
     runId: str
     parents: list[str]
 
