@@ -186,13 +186,27 @@ def run_shell(
         env_file = f"{path[:-3]}.env"
         comm.upload(_env_file(secrets), env_file, mode=0o600)
         command = f"set -a; . {env_file}; rm -f {env_file}; set +a; {command}"
-    result = comm.run(command, on_line=on_line, env=env, timeout=timeout)
+    redact = _redactor(secrets)
+    result = comm.run(command, on_line=lambda line: on_line(redact(line)), env=env, timeout=timeout)
+    tail = [redact(line) for line in result.tail]
     if result.disconnected:
         log.info("Shell %r: the connection dropped before the script exited: treating it as a reboot", name)
-        return ShellOutcome(None, result.tail, rebooted=True)
+        return ShellOutcome(None, tail, rebooted=True)
     if result.exit_code != 0:
-        raise CustomizerFailed(name, result.exit_code, result.tail)
-    return ShellOutcome(0, result.tail)
+        raise CustomizerFailed(name, result.exit_code, tail)
+    return ShellOutcome(0, tail)
+
+
+def _redactor(secrets: Mapping[str, str] | None) -> Callable[[str], str]:
+    """Replaces secret values a script printed with `***`. Airflow's masker does this in a task supervisor's log
+    pipeline; this also covers what has none (`airflow dags test`) and the output tail kept in error messages."""
+    values = sorted((v for v in (secrets or {}).values() if v), key=len, reverse=True)
+
+    def redact(text: str) -> str:
+        for value in values:
+            text = text.replace(value, "***")
+        return text
+    return redact
 
 
 def run_validator_shell(
