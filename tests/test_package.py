@@ -172,13 +172,18 @@ def test_installed_wheel_builds_as_an_unprivileged_user(site: dict, tmp_path: Pa
     assert not any((root / "home" / "staging").iterdir())
 
     # Extra links: Airflow stored each distribute task's link; the local one is its lineage record.
-    links = json.loads(run("python", "-c", LINKS).stdout.splitlines()[-1])  # after any log lines
+    links = last_json(run("python", "-c", LINKS).stdout)
     assert set(links) == {"distribute.sig", "distribute.vhd"}
     for task_id, link in links.items():
         query = {k: v[0] for k, v in parse_qs(urlparse(link).query).items()}
         assert query["source_task_id"] == task_id and query["source_dag_id"] == "pkg-base"
-        events = json.loads(run("python", "-c", EVENTS, json.dumps(query)).stdout.splitlines()[-1])
+        events = last_json(run("python", "-c", EVENTS, json.dumps(query)).stdout)
         assert len(events) == 1 and events[0]["templateDigest"].startswith("sha256:")
+
+
+def last_json(out: str):
+    """The JSON line a snippet printed last: Airflow may log (also on stdout) before and after it."""
+    return json.loads(next(line for line in reversed(out.splitlines()) if line.startswith(("{", "["))))
 
 
 # Reads what Airflow's API server would show: the stored links, and the asset events a link's query selects.
