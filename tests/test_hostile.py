@@ -254,6 +254,7 @@ def test_azure_refuses_to_open_the_build_vms_ssh_to_everyone(source):
 def test_secrets_reach_the_script_through_a_file_that_is_gone_before_it_runs(comm, caplog):
     """Against sshd on loopback: the values are in the script's environment, on no command line or log line
     of Goldsmith's, and the 0600 file that carried them is deleted even when the script fails."""
+    import hashlib
     import logging
 
     from goldsmith.customizers import CustomizerFailed, run_shell
@@ -261,10 +262,13 @@ def test_secrets_reach_the_script_through_a_file_that_is_gone_before_it_runs(com
     value = "it's a $ecret with spaces; and `quotes`"
     caplog.set_level(logging.DEBUG)
     lines: list[str] = []
-    run_shell(comm, inline=['printf "%s\\n" "$TOKEN"', "ls /tmp | grep -c '^goldsmith-sec-.*\\.env$' || true",
+    run_shell(comm, inline=['printf "%s" "$TOKEN" | sha256sum | cut -c1-16', 'printf "%s\\n" "$TOKEN"',
+                            "ls /tmp | grep -c '^goldsmith-sec-.*\\.env$' || true",
                             "ps -eo args | grep -cF \"$TOKEN\" || true"],
               on_line=lines.append, name="sec", secrets={"TOKEN": value})
-    assert lines == [value, "0", "1"]  # the value; no env file left while it runs; only grep's own command line
+    # the script saw the exact value (its digest); printing it gives ***; no env file left while it runs;
+    # only grep's own command line holds it
+    assert lines == [hashlib.sha256(value.encode()).hexdigest()[:16], "***", "0", "1"]
     assert value not in caplog.text and "TOKEN" not in caplog.text.replace("(env: TOKEN)", "")
     with pytest.raises(CustomizerFailed):
         run_shell(comm, inline=["exit 4"], on_line=lines.append, name="sec", secrets={"TOKEN": value})
